@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv with pip on a
+# fresh machine (Python 3.11 only) and install the pinned dependencies plus this project.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= data/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test install gpu-install clean-demo bench
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# pip, not uv/poetry: pip finds the local CPU wheel of torch 2.13.0 (others download ~3 GB of CUDA).
+	$(PY) -m pip install --quiet --upgrade "pip>=23"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip check
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# GPU nodes: onnxruntime-gpu replaces the CPU onnxruntime (never both; see ENVIRONMENT.md).
+gpu-install: $(STAMP)
+	$(PY) -m pip uninstall -y onnxruntime onnxruntime-gpu
+	$(PY) -m pip install --no-deps "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+
+demo: $(STAMP)
+	$(PY) jobs/demo.py --workdir $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) jobs/bench_model.py
+	$(PY) jobs/bench_preprocess.py
+	$(PY) jobs/bench_train.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR) mlflow.db mlartifacts ray_results

@@ -1,0 +1,109 @@
+"""Turn frozen config dataclasses into argparse argument groups (plus an optional YAML file).
+
+Jobs in `jobs/` call these; library code never reads argv. Precedence: dataclass default <
+YAML file (`--config FILE`, keys are field names) < explicit command-line flags.
+Field help comes from `field(metadata={"help": ...})`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(underlying type, is_optional) for `X`, `X | None` and `Optional[X]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
+                         skip: tuple[str, ...] = ()) -> None:
+    """Add one argument group with a flag per field of dataclass `cls` (default: not given)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, optional = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and f.default is not dataclasses.MISSING:
+            help_text = f"{help_text} (default: {default})".strip()
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        origin = typing.get_origin(tp)
+        if origin is tuple:
+            inner = typing.get_args(tp)[0]
+            kwargs.update(nargs="+", type=inner)
+        elif typing.get_origin(tp) is typing.Literal:
+            kwargs.update(choices=list(typing.get_args(tp)))
+        elif tp in (int, float, str):
+            kwargs.update(type=tp)
+        else:
+            kwargs.update(type=str)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"config file {path}: expected a mapping of option: value, got {type(data).__name__}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type[T], args: argparse.Namespace | dict[str, Any],
+                 yaml_values: dict[str, Any] | None = None, **overrides: Any) -> T:
+    """Instantiate `cls` from YAML values, then argparse values, then explicit overrides."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values: dict[str, Any] = {}
+    for source in (yaml_values or {}, given, overrides):
+        values.update({k: v for k, v in source.items() if k in names})
+    unknown = set(yaml_values or {}) - names
+    if unknown:
+        raise SystemExit(f"unknown option(s) in config file for {cls.__name__}: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in list(values.items()):
+        tp, _ = _base_type(hints[key])
+        if typing.get_origin(tp) is tuple and isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"invalid {cls.__name__}: {exc}") from exc
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON/MLflow-friendly dict of a (possibly nested) config dataclass."""
+    return dataclasses.asdict(config)

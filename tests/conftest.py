@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny real videos (PyAV/libx264), real face photos, one local Ray per session,
+and a throwaway MLflow sqlite store.
+
+Ray is sized for the 2-core CI machine; tests that need their own cluster (`ray start --head`,
+job submission) start it themselves and must not use the `ray_session` fixture.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+sys.path.insert(0, str(REPO))
+
+
+def face_photo_paths() -> dict[str, Path]:
+    """Real photos that ship inside installed packages (no download)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("insightface")
+    root = Path(spec.submodule_search_locations[0]) / "data" / "images"
+    return {"t1": root / "t1.jpg", "tom_hanks": root / "Tom_Hanks_54745.png"}
+
+
+@pytest.fixture(scope="session")
+def t1_rgb() -> np.ndarray:
+    """insightface's t1.jpg: a group photo with six faces, RGB uint8."""
+    import cv2
+
+    bgr = cv2.imread(str(face_photo_paths()["t1"]))
+    assert bgr is not None
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="session")
+def astronaut_rgb() -> np.ndarray:
+    """scikit-image's astronaut (512x512, one face), RGB uint8."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut())
+
+
+def moving_pattern_frames(n: int, width: int = 64, height: int = 48, seed: int = 0):
+    """Frames whose index can be read back from the picture (a bright bar at x = 2*i mod width)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+    for i in range(n):
+        frame = base.copy()
+        x = (2 * i) % width
+        frame[:, x:x + 2] = 255
+        yield frame
+
+
+@pytest.fixture
+def make_video(tmp_path):
+    """make_video(name, n_frames=30, fps=30, width=64, height=48, frames=None) -> Path of a real mp4."""
+    from pipeline.video_io import write_mp4
+
+    def _make(name: str = "clip.mp4", n_frames: int = 30, fps: int = 30, width: int = 64,
+              height: int = 48, frames=None, audio_seconds: float = 0.0) -> Path:
+        path = tmp_path / name
+        src = frames if frames is not None else moving_pattern_frames(n_frames, width, height)
+        write_mp4(path, src, fps=fps, audio_seconds=audio_seconds)
+        return path
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session, sized to fit 2 cores."""
+    import ray
+
+    from pipeline.ray_utils import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh MLflow sqlite store + artifact folder; returns the tracking URI."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
+    monkeypatch.chdir(tmp_path)  # default artifact roots are relative to the working directory
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
