@@ -42,21 +42,26 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
-                         skip: tuple[str, ...] = ()) -> None:
-    """Add one argument group with a flag per field of dataclass `cls` (default: not given)."""
+                         skip: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Add one argument group with a flag per field of dataclass `cls` (default: not given).
+
+    With `prefix="detector"` field `name` becomes `--detector-name` (dest `detector_name`), so
+    nested configs with clashing field names can share one parser.
+    """
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+        if f.name in skip or not f.init or dataclasses.is_dataclass(hints[f.name]):
             continue
+        dest = f"{prefix}_{f.name}" if prefix else f.name
         tp, optional = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is not None and f.default is not dataclasses.MISSING:
             help_text = f"{help_text} (default: {default})".strip()
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(_flag(dest), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         origin = typing.get_origin(tp)
         if origin is tuple:
@@ -70,7 +75,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
             kwargs.update(type=str)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(_flag(f.name), **kwargs)
+        group.add_argument(_flag(dest), **kwargs)
 
 
 def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
@@ -83,14 +88,25 @@ def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
 
 
 def build_config(cls: type[T], args: argparse.Namespace | dict[str, Any],
-                 yaml_values: dict[str, Any] | None = None, **overrides: Any) -> T:
-    """Instantiate `cls` from YAML values, then argparse values, then explicit overrides."""
+                 yaml_values: dict[str, Any] | None = None, prefix: str = "", **overrides: Any) -> T:
+    """Instantiate `cls` from YAML values, then argparse values, then explicit overrides.
+
+    For a nested config the YAML values are its own section (`detector: {name: scrfd}`) and
+    `prefix` selects its command-line flags (`--detector-name`).
+    """
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if prefix:
+        cut = len(prefix) + 1
+        given = {k[cut:]: v for k, v in given.items() if k.startswith(prefix + "_")}
     values: dict[str, Any] = {}
     for source in (yaml_values or {}, given, overrides):
         values.update({k: v for k, v in source.items() if k in names})
+    nested = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])}
     unknown = set(yaml_values or {}) - names
+    for key in nested & set(values):
+        if isinstance(values[key], dict):  # a YAML section for a nested config: built by the caller
+            del values[key]
     if unknown:
         raise SystemExit(f"unknown option(s) in config file for {cls.__name__}: {', '.join(sorted(unknown))}")
     hints = typing.get_type_hints(cls)

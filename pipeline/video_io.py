@@ -24,9 +24,12 @@ def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: int = 30, crf
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with av.open(str(path), mode="w") as container:
-        stream = None
+        stream = audio = None
         for frame in frames:
             if stream is None:
+                # Every stream must exist before the first packet is muxed.
+                if audio_seconds > 0:
+                    audio = _add_audio_stream(container)
                 h, w = frame.shape[:2]
                 stream = container.add_stream("libx264", rate=fps)
                 stream.width, stream.height = w, h
@@ -42,16 +45,21 @@ def write_mp4(path: str | Path, frames: Iterable[np.ndarray], fps: int = 30, crf
             raise ValueError(f"write_mp4({path}): no frames given")
         for packet in stream.encode():
             container.mux(packet)
-        if audio_seconds > 0:
-            _add_tone(container, audio_seconds)
+        if audio is not None:
+            _encode_tone(container, audio, audio_seconds)
     return count
 
 
-def _add_tone(container, seconds: float, rate: int = 16000) -> None:
-    import av
-
+def _add_audio_stream(container, rate: int = 16000):
     stream = container.add_stream("aac", rate=rate)
     stream.layout = "mono"
+    return stream
+
+
+def _encode_tone(container, stream, seconds: float) -> None:
+    import av
+
+    rate = stream.rate
     t = np.arange(int(seconds * rate)) / rate
     samples = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     step = 1024
@@ -71,4 +79,4 @@ def write_audio_only(path: str | Path, seconds: float = 1.0) -> None:
     import av
 
     with av.open(str(path), mode="w", format="mp4") as container:
-        _add_tone(container, seconds)
+        _encode_tone(container, _add_audio_stream(container), seconds)
