@@ -141,7 +141,12 @@ class FaceCropWriter:
                                                       "frames_decoded", "faces_kept", "multi_face_frames")}
         for i in range(len(batch["video_id"])):
             row = {k: batch[k][i] for k in batch}
-            result = self._process_chunk(row)
+            row.update({k: _clean_meta(k, row.get(k)) for k in _VIDEO_META})
+            try:
+                result = self._process_chunk(row)
+            except Exception as exc:  # record it against the video; never lose the whole block
+                result = {"error": f"face crop stage failed ({type(exc).__name__}): {exc}",
+                          "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
             for k in receipts:
                 receipts[k].append(result[k] if k in result else row[k])
         return receipts
@@ -170,7 +175,7 @@ class FaceCropWriter:
             crop = align_face(frame, face.landmarks, self.align)
             for name, value in (
                 ("video_id", row["video_id"]), ("subject_id", row["subject_id"]), ("split", row["split"]),
-                ("task", row["task"]), ("label", None if row["label"] is None or _isnan(row["label"]) else float(row["label"])),
+                ("task", row["task"]), ("label", row["label"]),
                 ("frame_index", int(idx)), ("timestamp_s", float(ts)), ("det_score", float(face.score)),
                 ("bbox", [float(v) for v in face.bbox]), ("landmarks", [float(v) for v in np.asarray(face.landmarks).reshape(-1)]),
                 ("image", encode_jpeg(crop, self.jpeg_quality)), ("preprocess_version", self.version),
@@ -189,6 +194,16 @@ class FaceCropWriter:
         with self.fs.open_output_stream(tmp) as sink:
             pq.write_table(table, sink, compression="zstd")
         self.fs.move(tmp, final)
+
+
+def _clean_meta(key: str, value: Any) -> Any:
+    """Manifest values come back from Ray's numpy batches as numpy scalars, and nulls as None or
+    NaN depending on the column; normalise to str / float / None for the shard schema."""
+    if value is None or (not isinstance(value, (str, bytes)) and _isnan(value)):
+        return None
+    if key == "label":
+        return float(value)
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _isnan(value: Any) -> bool:
