@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # GPU nodes: onnxruntime-gpu replaces the CPU onnxruntime (never both; see ENVIRONMENT.md).
+# --no-deps keeps pip from pulling the CPU package back in, and also drops the [cuda,cudnn]
+# extras, so their CUDA 13 / cuDNN 9 wheels are installed in a second, normal step.
+# Afterwards `pip check` reports insightface's onnxruntime requirement as missing: expected.
+ORT_GPU_CUDA_LIBS := "nvidia-cuda-nvrtc~=13.0" "nvidia-cuda-runtime~=13.0" "nvidia-cufft~=12.0" \
+	"nvidia-curand~=10.0" "nvidia-cudnn-cu13~=9.0"
 gpu-install: $(STAMP)
 	$(PY) -m pip uninstall -y onnxruntime onnxruntime-gpu
-	$(PY) -m pip install --no-deps "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+	$(PY) -m pip install --no-deps "onnxruntime-gpu==1.31.1"
+	$(PY) -m pip install $(ORT_GPU_CUDA_LIBS)
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py --workdir $(DEMO_DIR)

@@ -314,7 +314,11 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     version = preprocess_version(config)
     out_uri = shard_set_path(config)
     init_ray()
-    require_shared_storage(config.output, "--output", node_count=alive_node_count())
+    nodes = alive_node_count()
+    require_shared_storage(config.output, "--output", node_count=nodes)
+    # Videos are decoded on whichever node runs the task: local inputs must be visible everywhere too.
+    for uri in {config.input, *(r["uri"] for r in rows)} if nodes > 1 else ():
+        require_shared_storage(uri, "--input (and the manifest's video uris)", node_count=nodes)
     fs, out_path = resolve_filesystem(out_uri)
     for sub in ("shards", "status"):
         fs.create_dir(f"{out_path}/{sub}", recursive=True)

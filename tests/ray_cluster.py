@@ -1,0 +1,180 @@
+"""A real local Ray cluster made of `ray start` processes (head, optionally a second node), for
+tests that submit jobs the way users do.
+
+Token authentication is ON, with a random per-cluster token given to every node and client
+through RAY_AUTH_MODE/RAY_AUTH_TOKEN (what KubeRay's `authOptions` does): nothing is written to
+~/.ray. Teardown never runs `ray stop` (it kills every Ray process of the machine, other
+people's too): each `ray start --block` runs in its own session, and stop() kills exactly the
+processes of those sessions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayCluster:
+    def __init__(self, with_dashboard: bool = True, two_nodes: bool = True):
+        self.two_nodes = two_nodes
+        # short path: Ray's unix sockets live under the temp dir (108-byte path limit)
+        self.temp_dir = tempfile.mkdtemp(prefix="hmhn2n-", dir="/tmp")
+        self.port, self.dash_port = free_port(), free_port()
+        self.with_dashboard = with_dashboard
+        self.procs: list[subprocess.Popen] = []
+        self.token = secrets.token_hex(32)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        self.env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                        PYTHONUNBUFFERED="1")
+        # `python` in a job's entrypoint is the project's interpreter, as in an activated venv.
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
+        self.env.pop("HMHN_SHARED_PATHS", None)
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dash_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(Path(self.temp_dir) / f"{name}.log", "w")
+        # Fixed default ports (the dashboard agent's 52365, metrics) collide with any other Ray on
+        # the machine, e.g. a parallel test session: every node gets free ones.
+        ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        proc = subprocess.Popen([RAY, "start", *args, *ports, "--disable-usage-stats", "--block"],
+                                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                start_new_session=True)  # own session + process group
+        self.procs.append(proc)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            text = (Path(self.temp_dir) / f"{name}.log").read_text()
+            if "Ray runtime started" in text:
+                return
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"`ray start` ({name}) did not come up:\n{self.log(name)[-4000:]}")
+
+    def log(self, name: str) -> str:
+        return (Path(self.temp_dir) / f"{name}.log").read_text()
+
+    def start(self) -> None:
+        self._start("head", [
+            "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--num-cpus", "1",
+            "--resources", json.dumps({"head_node": 1}), "--temp-dir", self.temp_dir,
+            "--include-dashboard", "true" if self.with_dashboard else "false",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port)])
+        if not self.two_nodes:
+            return
+        self._start("worker", [
+            "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+            "--resources", json.dumps({"second_node": 1})])
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            info = self.query("import ray; print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+            if len(info) == 2:
+                return
+            time.sleep(1)
+        raise RuntimeError("the second node never joined")
+
+    def _session_pids(self) -> list[int]:
+        """Every live process in the sessions of our `ray start` processes (a Ray worker may
+        move to its own process group, but it keeps the session)."""
+        sids = {p.pid for p in self.procs}
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) in sids:
+                        out.append(int(entry))
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return out
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # its session's process group, nothing else
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 20
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self._session_pids():  # workers / agents still draining, wherever their group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            proc.wait(timeout=30)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    # ---- clients -------------------------------------------------------------------------
+    def query(self, code: str):
+        """Run `code` in a fresh driver connected to the cluster; return the JSON of its last line."""
+        prog = ("import json, logging, ray\n"
+                f"ray.init(address={self.address!r}, logging_level=logging.ERROR, log_to_driver=False)\n"
+                + code)
+        out = subprocess.run([sys.executable, "-c", prog], env=self.env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def node_ids(self) -> dict[str, str]:
+        """{'head_node': id, 'second_node': id} from each node's custom resource."""
+        return self.query(
+            "nodes = [n for n in ray.nodes() if n['Alive']]\n"
+            "print(json.dumps({r: n['NodeID'] for n in nodes for r in ('head_node', 'second_node')"
+            " if r in n['Resources']}))")
+
+    def task_events(self) -> list[list[str]]:
+        """[job id, task name, node id] for every task / actor task that ran, from the GCS.
+
+        (Uses Ray's internal GlobalState: the public state API needs the dashboard.)"""
+        return self.query(
+            "from ray._private import state\n"
+            "me = ray.get_runtime_context().get_job_id()\n"
+            "out = set()\n"
+            "for ev in state.state._get_all_task_events():\n"
+            "    if ev.HasField('state_updates') and ev.state_updates.node_id and ev.job_id.hex() != me:\n"
+            "        out.add((ev.job_id.hex(), ev.task_info.name, ev.state_updates.node_id.hex()))\n"
+            "print(json.dumps(sorted(out)))")
+
+    def submit(self, entry: list[str], env_vars: dict[str, str] | None = None,
+               timeout: int = 900) -> subprocess.CompletedProcess:
+        env_vars = dict(env_vars or {})
+        if self.with_dashboard:  # the real thing: `ray job submit` to the job server
+            runtime_env = {"env_vars": env_vars,
+                           "excludes": [".venv/", ".git/", "data/", "mlruns/", "mlartifacts/", "*.db"]}
+            cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
+                   "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
+            env = self.env
+        else:
+            cmd = list(entry)
+            if cmd[0] == "python":
+                cmd[0] = sys.executable
+            env = {**self.env, **env_vars, "RAY_ADDRESS": self.address}
+        deadline = time.time() + 120
+        while True:
+            out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+            # The job server answers before a node's dashboard agent has registered; that is the
+            # one error worth retrying.
+            if "No available agent to submit job" not in out.stderr or time.time() > deadline:
+                return out
+            time.sleep(3)
