@@ -1,0 +1,351 @@
+"""Batch scoring: new videos -> the model's preprocessing -> frame scores (Ray Data actors) -> one row per video.
+
+    videos / manifest --run_preprocess (the config stored WITH the model)--> shard set in the workdir
+        --read_parquet--> face crops --map_batches(FrameScorer, actor pool)--> frame scores
+        --driver: hmhn.video_scores--> scores.csv (video_id, score, frames_used, score_std, severity, status, reason)
+
+Nothing here re-implements a step of training: preprocessing is pipeline.preprocess.run_preprocess
+run with the model's own preprocess_config.json (so the preprocess_version hash equals training's;
+a mismatch is an error, not a silent drift), pixels go through hmhn.image, frame scores come from
+HMHNScorer (clamped 0..63 per frame, as in training's evaluation) and videos are aggregated by
+hmhn.video_scores.
+
+Face crops and per-video scores are health data: the only outputs are the CSV the user asked for
+and, with explain_dir, attention-map pictures; stdout gets counts, never scores or faces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from hmhn.metrics import AGGREGATIONS, video_scores
+from pipeline.schema import STATUS_FAILED, STATUS_NO_FACE, STATUS_OK, severity_band
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("auto", "videos", "csv", "avec2013", "avec2014")
+OUTPUT_COLUMNS = ["video_id", "score", "frames_used", "score_std", "severity", "status", "reason"]
+FRAME_COLUMNS = ["video_id", "frame_index", "timestamp_s", "image"]
+
+
+class ScoringError(ValueError):
+    """Scoring cannot start (bad input, or a model whose preprocessing cannot be reproduced)."""
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    model: str = field(default="", metadata={"help": "model URI, e.g. models:/hmhn@champion (logged by "
+                                                     "hmhn.serving.log_scoring_model)"})
+    input: tuple[str, ...] = field(default=(), metadata={"help": "video files and/or folders of videos, or ONE "
+                                                                 "manifest CSV / AVEC root (local paths or URIs)"})
+    output: str = field(default="scores.csv", metadata={"help": "CSV to write, one row per video"})
+    dataset: str = field(default="auto", metadata={
+        "help": "what --input is: videos, csv (manifest), avec2013/avec2014 (dataset root); "
+                "auto = csv for a single .csv file, else videos", "choices": INPUT_KINDS})
+    workdir: str = field(default="", metadata={"help": "where preprocessing writes the face shards (kept, and "
+                                                       "reused by video_id on a rerun; shared storage on a "
+                                                       "cluster); default: a temporary folder, deleted after"})
+    aggregate: str = field(default="mean", metadata={"help": "frame -> video aggregation",
+                                                     "choices": AGGREGATIONS})
+    batch_size: int = field(default=64, metadata={"help": "face crops per inference batch"})
+    num_actors: int = field(default=0, metadata={"help": "inference actors (0 = one per GPU, else sized from "
+                                                         "the cluster's CPUs)"})
+    mlflow_uri: str = field(default="", metadata={"help": "MLflow tracking/registry URI (default: "
+                                                          "$MLFLOW_TRACKING_URI, else MLflow's default)"})
+    explain_dir: str = field(default="", metadata={"help": "write attention-map and frame-score pictures here "
+                                                           "(they show faces: only where you ask)"})
+    explain_videos: int = field(default=3, metadata={"help": "how many scored videos to explain"})
+    explain_faces: int = field(default=4, metadata={"help": "faces per attention-map picture"})
+
+    def __post_init__(self):
+        if isinstance(self.input, str):  # a single path given programmatically
+            object.__setattr__(self, "input", (self.input,))
+        if not self.model:
+            raise ValueError("model is required (--model models:/NAME@ALIAS)")
+        if not self.input:
+            raise ValueError("input is required (--input VIDEO_OR_FOLDER ... | MANIFEST.csv | AVEC_ROOT)")
+        if not self.output:
+            raise ValueError("output is required (--output scores.csv)")
+        if self.dataset not in INPUT_KINDS:
+            raise ValueError(f"dataset must be one of {INPUT_KINDS}, got {self.dataset!r}")
+        if self.aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
+        if self.batch_size < 1 or self.num_actors < 0 or self.explain_videos < 0 or self.explain_faces < 1:
+            raise ValueError("batch_size and explain_faces must be >= 1, num_actors and explain_videos >= 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input -> manifest
+
+
+def _join_uri(original: str, fs: pafs.FileSystem, path: str) -> str:
+    """A path inside `fs` back as something the decoder opens (plain path locally, scheme://path remotely)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    return f"{original.split('://', 1)[0]}://{path}"
+
+
+def _video_files(inputs: tuple[str, ...]) -> list[str]:
+    """Expand folders (recursively, known video extensions); files are taken as given, even if broken:
+    a bad file becomes a failed row in the output, not an error here."""
+    from pipeline.manifest import VIDEO_EXTENSIONS
+    from pipeline.storage import resolve_filesystem
+
+    found: list[str] = []
+    for item in inputs:
+        fs, path = resolve_filesystem(item)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            videos = sorted(e.path for e in entries if e.type == pafs.FileType.File
+                            and e.path.lower().endswith(VIDEO_EXTENSIONS))
+            if not videos:
+                raise ScoringError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {item}")
+            found.extend(_join_uri(item, fs, v) for v in videos)
+        elif info.type == pafs.FileType.File:
+            found.append(item)
+        else:
+            raise ScoringError(f"input not found: {item}")
+    return found
+
+
+def build_manifest(config: ScoringConfig) -> tuple[pa.Table, str]:
+    """(manifest, the PreprocessConfig.dataset it corresponds to) for the config's input."""
+    from pipeline.manifest import load_manifest, manifest_from_videos
+
+    kind = config.dataset
+    if kind == "auto":
+        kind = "csv" if len(config.input) == 1 and config.input[0].lower().endswith(".csv") else "videos"
+    if kind == "videos":
+        return manifest_from_videos(_video_files(config.input)), "csv"
+    if len(config.input) != 1:
+        raise ScoringError(f"--dataset {kind} takes exactly one --input (the manifest CSV or dataset root)")
+    return load_manifest(kind, config.input[0]), kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference (Ray Data actors)
+
+
+class FrameScorer:
+    """Ray Data actor: holds one HMHNScorer; JPEG crops in, clamped frame scores out."""
+
+    def __init__(self, model_state: dict[str, Any], model_config: dict[str, Any], use_gpu: bool, threads: int):
+        import torch
+
+        from hmhn.config import HMHNConfig
+        from hmhn.model import HMHN, HMHNScorer
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model = HMHN(HMHNConfig(**model_config))
+        model.load_state_dict(model_state)
+        self.scorer = HMHNScorer(model, clamp=True).to(self.device).eval()
+        self.input_size = model.config.input_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from hmhn.image import decode_jpeg, to_model_input
+
+        images = np.stack([decode_jpeg(data, self.input_size) for data in batch["image"]])
+        with torch.no_grad():
+            x = to_model_input(torch.from_numpy(images).to(self.device))
+            # bf16 on GPU, fp32 on CPU: the same choice as training's evaluation (hmhn.train.predict_frames).
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                scores = self.scorer(x).float().cpu().numpy()
+        return {"video_id": batch["video_id"], "frame_index": batch["frame_index"],
+                "timestamp_s": batch["timestamp_s"], "score": scores.astype(np.float64)}
+
+
+def _size_inference_pool(num_actors: int) -> dict[str, Any]:
+    """One actor per GPU; on CPU few actors with several torch threads each. Reservations stay below
+    the cluster's CPUs so the parquet read tasks are never starved (the 2-core deadlock of ENVIRONMENT.md)."""
+    from pipeline.ray_utils import cluster_cpus, cluster_gpus
+
+    cpus, gpus = cluster_cpus(), cluster_gpus()
+    if gpus >= 1:
+        size = num_actors or int(gpus)
+        return {"size": size, "num_gpus": 1, "num_cpus": 1.0 if cpus >= 2 * size else 0.5, "threads": 2,
+                "use_gpu": True}
+    # CPU: torch parallelises one batch over threads, so few actors (one per 4 CPUs) with several
+    # threads each. The Ray reservation stays at <= 1 CPU per actor: reserving 1.5 of 2 CPUs hung the
+    # pipeline on a 2-core machine (read tasks starved), as in ENVIRONMENT.md.
+    size = num_actors or max(1, int(cpus // 4))
+    return {"size": size, "num_gpus": 0, "num_cpus": round(min(1.0, 0.75 * cpus / size), 3),
+            "threads": max(1, int(cpus // size)), "use_gpu": False}
+
+
+def _shard_files(fs: pafs.FileSystem, shard_path: str, video_ids: list[str]) -> list[str]:
+    files: list[str] = []
+    for video_id in video_ids:
+        folder = f"{shard_path}/shards/{video_id}"
+        if fs.get_file_info(folder).type != pafs.FileType.Directory:
+            continue
+        files.extend(sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder))
+                            if i.is_file and i.path.endswith(".parquet") and not i.base_name.startswith(".")))
+    return files
+
+
+def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 64, num_actors: int = 0,
+                 printer: Callable[[str], None] = print) -> pd.DataFrame:
+    """Frame scores (video_id, frame_index, timestamp_s, score) of `video_ids` in the shard set, via Ray Data."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.ray_utils import init_ray
+    from pipeline.storage import resolve_filesystem
+
+    fs, shard_path = resolve_filesystem(shard_uri)
+    files = _shard_files(fs, shard_path.rstrip("/"), video_ids)
+    if not files:
+        return pd.DataFrame({"video_id": pd.Series(dtype=str), "frame_index": pd.Series(dtype="int64"),
+                             "timestamp_s": pd.Series(dtype="float64"), "score": pd.Series(dtype="float64")})
+    init_ray()
+    pool = _size_inference_pool(num_actors)
+    printer(f"[predict] inference actors: {pool['size']} x (CPU {pool['num_cpus']}, GPU {pool['num_gpus']}) "
+            f"over {len(files)} shard files")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # Read tasks ask for a quarter CPU: with the actors' share they never exceed the cluster (no starvation).
+    # select_columns is pushed down into the read: the other shard columns are never loaded.
+    ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=0.25).select_columns(FRAME_COLUMNS)
+    ds = ds.map_batches(
+        FrameScorer, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model_state": state, "model_config": dataclasses.asdict(model.config),
+                               "use_gpu": pool["use_gpu"], "threads": pool["threads"]},
+        compute=ActorPoolStrategy(size=pool["size"]), num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
+    )
+    frames = ds.to_pandas()
+    return frames.sort_values(["video_id", "frame_index"], kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and output
+
+
+def video_table(manifest: pa.Table, status: pd.DataFrame, frames: pd.DataFrame, how: str = "mean") -> pd.DataFrame:
+    """One row per manifest video (manifest order) with OUTPUT_COLUMNS."""
+    per_video = video_scores(frames["video_id"].tolist(), frames["score"].to_numpy(), how) if len(frames) else {}
+    grouped = frames.groupby("video_id")["score"]
+    counts, spread = grouped.size().to_dict(), grouped.std(ddof=0).to_dict()
+    status_of = status.set_index("video_id").to_dict("index") if len(status) else {}
+    rows = []
+    for video_id in manifest.column("video_id").to_pylist():
+        state = status_of.get(video_id, {"status": STATUS_FAILED, "reason": "not preprocessed (no status row)"})
+        row = {"video_id": video_id, "score": np.nan, "frames_used": 0, "score_std": np.nan, "severity": "",
+               "status": state["status"], "reason": state["reason"] or ""}
+        if video_id in per_video:
+            score = float(np.clip(per_video[video_id], 0.0, 63.0))
+            row.update(score=score, frames_used=int(counts[video_id]), score_std=float(spread[video_id]),
+                       severity=severity_band(score))
+        elif state["status"] == STATUS_OK:  # status says faces were kept, but no frame reached the model
+            row.update(status=STATUS_FAILED, reason="no face crops found in the shard set for this video")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+def write_csv(table: pd.DataFrame, uri: str) -> None:
+    from pipeline.storage import resolve_filesystem
+
+    fs, path = resolve_filesystem(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False, float_format="%.4f")
+    with fs.open_output_stream(path) as out:
+        out.write(buffer.getvalue().encode())
+
+
+def read_status(shard_uri: str) -> pd.DataFrame:
+    from pipeline.storage import resolve_filesystem
+
+    fs, path = resolve_filesystem(shard_uri)
+    return pq.read_table(f"{path.rstrip('/')}/status.parquet", filesystem=fs,
+                         columns=["video_id", "status", "reason"]).to_pandas()
+
+
+def read_video_frames(shard_uri: str, video_id: str) -> pd.DataFrame:
+    """All shard rows of one video (images included), ordered by frame_index."""
+    from pipeline.storage import resolve_filesystem
+
+    fs, path = resolve_filesystem(shard_uri)
+    files = _shard_files(fs, path.rstrip("/"), [video_id])
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=FRAME_COLUMNS)
+    return table.to_pandas().sort_values("frame_index", kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) -> pd.DataFrame:
+    """Score every video of config.input with config.model; writes config.output and returns the same table.
+
+    Raises ScoringError / ManifestError / MlflowException before any work when the input or model is unusable.
+    One bad video never stops the run: it gets status failed / no_face and a reason.
+    """
+    import mlflow
+
+    from hmhn.serving import load_scoring_model
+    from pipeline.preprocess import preprocess_config_from_dict, preprocess_version, run_preprocess
+
+    started = time.time()
+    if config.mlflow_uri:
+        mlflow.set_tracking_uri(config.mlflow_uri)
+        mlflow.set_registry_uri(config.mlflow_uri)
+    model, stored, _ = load_scoring_model(config.model)
+    manifest, dataset = build_manifest(config)
+    workdir = config.workdir or tempfile.mkdtemp(prefix="hmhn-score-")
+    try:
+        preprocess = preprocess_config_from_dict(stored, dataset=dataset, input=",".join(config.input),
+                                                 output=workdir, num_detect_actors=0, limit=0)
+        expected = stored.get("preprocess_version")
+        if expected and preprocess_version(preprocess) != expected:
+            raise ScoringError(f"the model's preprocessing (version {expected}) cannot be reproduced by this code "
+                               f"(it gives {preprocess_version(preprocess)}): the preprocessing code changed since "
+                               "the model was trained; score with the code version that trained it")
+        printer(f"[predict] model {config.model} (preprocess_version {preprocess_version(preprocess)}, "
+                f"input {model.config.input_size} px); {manifest.num_rows} videos")
+        summary = run_preprocess(preprocess, manifest=manifest, printer=printer)
+        shard_uri = summary["shard_set"]
+        status = read_status(shard_uri)
+        ok_ids = status.loc[status["status"] == STATUS_OK, "video_id"].tolist()
+        frames = score_frames(model, shard_uri, ok_ids, config.batch_size, config.num_actors, printer)
+        table = video_table(manifest, status, frames, config.aggregate)
+        write_csv(table, config.output)
+        if config.explain_dir and config.explain_videos:
+            _explain(model, shard_uri, table, frames, config, printer)
+    finally:
+        if not config.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    counts = table["status"].value_counts().to_dict()
+    printer(f"[predict] wrote {config.output}: {counts.get(STATUS_OK, 0)} scored, {counts.get(STATUS_NO_FACE, 0)} "
+            f"without a face, {counts.get(STATUS_FAILED, 0)} failed of {len(table)} videos "
+            f"in {time.time() - started:.1f} s")
+    return table
+
+
+def _explain(model, shard_uri: str, table: pd.DataFrame, frames: pd.DataFrame, config: ScoringConfig,
+             printer: Callable[[str], None]) -> None:
+    from hmhn.explain import explain_video
+
+    scored = table.loc[table["frames_used"] > 0, "video_id"].tolist()[: config.explain_videos]
+    for video_id in scored:
+        rows = read_video_frames(shard_uri, video_id)
+        explain_video(model, rows, frames[frames["video_id"] == video_id], config.explain_dir, video_id,
+                      faces=config.explain_faces)
+    printer(f"[predict] explanations of {len(scored)} videos in {config.explain_dir} (they show faces)")

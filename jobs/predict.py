@@ -1,0 +1,57 @@
+"""Score new interview videos with a registered HMHN model: one row per video in a CSV.
+
+    python jobs/predict.py --model models:/hmhn@champion --input new_videos/ --output scores.csv
+    python jobs/predict.py --model models:/hmhn@champion --input a.mp4 b.mp4 --output scores.csv \
+        --explain-dir explain/ --explain-videos 2
+    ray job submit --working-dir . -- python jobs/predict.py --model models:/hmhn@champion \
+        --mlflow-uri http://mlflow:5000 --input s3://b/new/ --workdir s3://b/scoring --output s3://b/scores.csv
+
+The videos are preprocessed with the preprocessing configuration stored with the model (so exactly as
+its training data was), then scored by a Ray Data actor pool. Output columns: video_id, score (BDI-II
+0..63), frames_used, score_std, severity, status (ok / no_face / failed), reason.
+Exit status: 0 when at least one video was scored, 1 when none was, 2 for invalid input or model.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hmhn.scoring import ScoringConfig  # noqa: E402
+from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of defaults (keys = option names)")
+    add_config_arguments(parser, ScoringConfig, "scoring")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    config = build_config(ScoringConfig, args, load_yaml_defaults(args.config))
+
+    from mlflow.exceptions import MlflowException
+
+    from hmhn.scoring import ScoringError, score_videos
+    from pipeline.manifest import ManifestError
+    from pipeline.storage import StorageError
+
+    try:
+        table = score_videos(config)
+    except (ScoringError, ManifestError, StorageError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not (table["frames_used"] > 0).any():
+        print("error: no video could be scored (see the status and reason columns of the CSV)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

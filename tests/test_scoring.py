@@ -1,0 +1,139 @@
+"""hmhn.scoring + jobs/predict.py end to end: real demo videos and broken files -> preprocessing with the
+model's stored config -> Ray Data inference -> scores.csv, checked against training's evaluation path."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hmhn import HMHNScorer, video_scores
+from hmhn.image import to_model_input
+from tests.test_serving import INPUT_SIZE, register_champion, small_scoring_model, training_preprocess_doc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_predict_job():
+    spec = importlib.util.spec_from_file_location("predict_job", REPO / "jobs" / "predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_videos(tmp_path_factory) -> Path:
+    from pipeline.demo_data import DemoDataConfig, make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(DemoDataConfig(output=str(root), subjects=3, videos_per_subject=1, seconds=1.0, seed=5),
+                      progress=False)
+    return root
+
+
+def direct_video_scores(model, shard_set: str) -> dict[str, float]:
+    """Training's evaluation path, spelled out: shard JPEGs -> hmhn.image -> HMHNScorer -> video_scores."""
+    from hmhn.data import iter_eval_batches, open_shardset
+
+    shardset = open_shardset(shard_set)
+    scorer = HMHNScorer(model, clamp=True).eval()
+    ids, scores = [], []
+    with torch.no_grad():
+        for batch_ids, images, _ in iter_eval_batches(shardset, list(shardset.videos), INPUT_SIZE, batch_size=7):
+            scores.extend(scorer(to_model_input(torch.from_numpy(images))).tolist())
+            ids.extend(batch_ids)
+    return video_scores(ids, scores)
+
+
+def test_predict_job_matches_direct_evaluation_and_records_bad_videos(ray_session, mlflow_store, demo_videos,
+                                                                      make_video, tmp_path):
+    from pipeline.preprocess import preprocess_config_from_dict, shard_set_path
+
+    model = small_scoring_model(seed=1)
+    doc = training_preprocess_doc()
+    uri = register_champion("hmhn-scoring", model, doc)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.mp4").write_text("this is a text file, not a video\n")
+    (bad / "empty.mp4").write_bytes(b"")
+    no_face = make_video("no_face.mp4", n_frames=20, width=96, height=64)  # moving bars, no face
+
+    workdir, output, explain = tmp_path / "work", tmp_path / "out" / "scores.csv", tmp_path / "explain"
+    job = load_predict_job()
+    exit_code = job.main(["--model", uri, "--input", str(demo_videos), str(bad / "notes.mp4"), str(bad / "empty.mp4"),
+                          str(no_face), "--output", str(output), "--workdir", str(workdir),
+                          "--explain-dir", str(explain), "--explain-videos", "1"])
+    assert exit_code == 0
+
+    table = pd.read_csv(output, keep_default_na=False, na_values=[""])
+    assert list(table.columns) == ["video_id", "score", "frames_used", "score_std", "severity", "status", "reason"]
+    rows = table.set_index("video_id")
+    good = sorted(v for v in rows.index if v.startswith("20"))
+    assert len(good) == 3 and len(rows) == 6
+
+    # Same preprocessing as training (same version hash), same numbers as training's evaluation path.
+    shard_set = shard_set_path(preprocess_config_from_dict(doc, output=str(workdir)))
+    assert Path(shard_set).name == doc["preprocess_version"]
+    expected = direct_video_scores(model, shard_set)
+    assert sorted(expected) == good
+    for video_id in good:
+        row = rows.loc[video_id]
+        assert row["status"] == "ok" and row["frames_used"] >= 3
+        assert row["score"] == pytest.approx(expected[video_id], abs=1e-3)
+        assert 0 < row["score"] < 63 and row["score_std"] >= 0
+        assert row["severity"] in ("minimal", "mild", "moderate", "severe")
+    assert len({round(rows.loc[v, "score"], 3) for v in good}) == 3, "scores should differ between videos"
+
+    try:  # also against hmhn.train.evaluate_split when the training module is importable
+        from hmhn.config import HMHNConfig
+        from hmhn.data import open_shardset
+        from hmhn.train import TrainConfig, evaluate_split
+    except ImportError:
+        pass
+    else:
+        shardset = open_shardset(shard_set)
+        predictions, _ = evaluate_split(model, shardset, "test", TrainConfig(data=shard_set, model=HMHNConfig(input_size=INPUT_SIZE)))
+        assert sorted(predictions) == good
+        for video_id, score in predictions.items():
+            assert rows.loc[video_id, "score"] == pytest.approx(score, abs=1e-3)
+
+    # Bad input: a row with a reason each, and the run went on.
+    assert rows.loc["notes", "status"] == "failed" and rows.loc["empty", "status"] == "failed"
+    assert rows.loc["no_face", "status"] == "no_face"
+    for video_id in ("notes", "empty", "no_face"):
+        assert rows.loc[video_id, "frames_used"] == 0 and np.isnan(rows.loc[video_id, "score"])
+        assert isinstance(rows.loc[video_id, "reason"], str) and len(rows.loc[video_id, "reason"]) > 10
+
+    first_scored = table.loc[table["status"] == "ok", "video_id"].iloc[0]  # explained: the first N in CSV order
+    pictures = sorted(p.name for p in explain.iterdir())
+    assert pictures == [f"{first_scored}_attention.png", f"{first_scored}_scores.png"]
+
+
+def test_model_whose_preprocessing_cannot_be_reproduced_is_refused(mlflow_store, demo_videos, tmp_path):
+    from hmhn.scoring import ScoringConfig, ScoringError, score_videos
+
+    doc = training_preprocess_doc()
+    doc["preprocess_version"] = "0123456789"  # as if the preprocessing code had changed since training
+    uri = register_champion("hmhn-drift", small_scoring_model(), doc)
+    with pytest.raises(ScoringError, match="cannot be reproduced"):
+        score_videos(ScoringConfig(model=uri, input=(str(demo_videos),), output=str(tmp_path / "s.csv")))
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_config_and_input_errors_are_clear(tmp_path):
+    from hmhn.scoring import ScoringConfig, ScoringError, build_manifest
+
+    with pytest.raises(ValueError, match="model is required"):
+        ScoringConfig(input=("x",))
+    with pytest.raises(ValueError, match="aggregate"):
+        ScoringConfig(model="m", input=("x",), aggregate="max")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScoringError, match="no video files"):
+        build_manifest(ScoringConfig(model="m", input=(str(tmp_path / "empty"),)))
+    with pytest.raises(ScoringError, match="not found"):
+        build_manifest(ScoringConfig(model="m", input=(str(tmp_path / "missing.mp4"),)))
+    assert ScoringConfig(model="m", input="one.mp4").input == ("one.mp4",)

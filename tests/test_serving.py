@@ -1,0 +1,190 @@
+"""hmhn.serving: the pyfunc model training registers, loaded in-process and served by `mlflow models serve`.
+
+Real MLflow (sqlite store + registry + alias) and a real scoring server subprocess over HTTP.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hmhn import HMHN, HMHNConfig, HMHNScorer
+from hmhn.image import encode_jpeg, to_model_input
+
+INPUT_SIZE = 112
+
+
+def small_scoring_model(seed: int = 0) -> HMHN:
+    """A random-init HMHN whose scores land inside 0..63 (at random init they are in the hundreds and
+    clamping would make every score 63, hiding any difference between two scoring paths)."""
+    torch.manual_seed(seed)
+    model = HMHN(HMHNConfig(input_size=INPUT_SIZE, initial_score=30.0)).eval()
+    with torch.no_grad():
+        model.regressor.linear.weight.mul_(0.02)
+    return model
+
+
+def training_preprocess_doc(align_size: int = INPUT_SIZE) -> dict:
+    """What a shard set's config.json holds, for a config like the one training data would use."""
+    from pipeline.align import AlignConfig
+    from pipeline.preprocess import PreprocessConfig, preprocess_version
+
+    config = PreprocessConfig(input="training-manifest.csv", output="faces", align=AlignConfig(size=align_size))
+    return {"preprocess_version": preprocess_version(config), "config": dataclasses.asdict(config)}
+
+
+def register_champion(name: str, model: HMHN, preprocess_doc: dict | None = None) -> str:
+    """Log + register `model` with log_scoring_model, alias it champion; returns models:/name@champion."""
+    import mlflow
+
+    from hmhn.serving import log_scoring_model
+
+    with mlflow.start_run():
+        info = log_scoring_model(model, preprocess_config=preprocess_doc or training_preprocess_doc(),
+                                 input_size=model.config.input_size, registered_model_name=name,
+                                 extra_tags={"purpose": "test"})
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", info.registered_model_version)
+    return f"models:/{name}@champion"
+
+
+def face_crops_b64(astronaut_rgb: np.ndarray, count: int = 2) -> list[str]:
+    """`count` different square crops around the astronaut's face, as base64 JPEG (what clients send)."""
+    crops = []
+    for i in range(count):
+        y, x, side = 30 + 6 * i, 140 - 4 * i, 190 + 8 * i
+        crop = cv2.resize(astronaut_rgb[y:y + side, x:x + side], (224, 224), interpolation=cv2.INTER_AREA)
+        crops.append(base64.b64encode(encode_jpeg(crop)).decode("ascii"))
+    return crops
+
+
+def test_logged_model_loads_in_plain_torch_and_as_pyfunc(mlflow_store, astronaut_rgb):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from hmhn.image import decode_jpeg
+    from hmhn.serving import load_scoring_model
+
+    model = small_scoring_model()
+    doc = training_preprocess_doc()
+    uri = register_champion("hmhn-serving", model, doc)
+
+    loaded, preprocess_doc, input_size = load_scoring_model(uri)
+    assert input_size == INPUT_SIZE and preprocess_doc == doc
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    version = mlflow.MlflowClient().get_model_version_by_alias("hmhn-serving", "champion")
+    assert version.tags["preprocess_version"] == doc["preprocess_version"] and version.tags["purpose"] == "test"
+
+    # The pyfunc scores exactly like HMHNScorer on hmhn.image's pixels (the training path).
+    crops = face_crops_b64(astronaut_rgb, 3)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    result = pyfunc.predict(pd.DataFrame({"image": crops}))
+    assert list(result.columns) == ["score", "severity"] and len(result) == 3
+    images = np.stack([decode_jpeg(base64.b64decode(c), INPUT_SIZE) for c in crops])
+    with torch.no_grad():
+        expected = HMHNScorer(model).eval()(to_model_input(images)).numpy()
+    np.testing.assert_allclose(result["score"].to_numpy(), expected, atol=1e-4)
+    assert ((expected > 0) & (expected < 63)).all(), "test model must not saturate"
+    assert result["score"].nunique() == 3
+
+    # Already-normalised arrays are accepted by the python model itself; wrong shapes are refused.
+    python_model = pyfunc.unwrap_python_model()
+    from_array = python_model.predict(None, to_model_input(images).numpy())
+    np.testing.assert_allclose(from_array["score"].to_numpy(), expected, atol=1e-4)
+    for bad, words in ((np.zeros((2, 3, 64, 64), np.float32), "shape"),
+                       (np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32), "empty"),
+                       (pd.DataFrame({"image": [crops[0], "bm90IGFuIGltYWdl"]}), "row 1"),
+                       (pd.DataFrame({"picture": crops}), "missing column")):
+        with pytest.raises(MlflowException, match=words) as caught:
+            python_model.predict(None, bad)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_mlflow_models_serve_scores_crops_and_refuses_bad_requests(mlflow_store, astronaut_rgb, tmp_path):
+    uri = register_champion("hmhn-http", small_scoring_model())
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    # The server execs `uvicorn` by name: the venv's bin folder must be on PATH (it is once activated).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "MLFLOW_REGISTRY_URI": mlflow_store,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log_path, "wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert server.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.time() < deadline, f"no /ping answer within 90 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(1)
+
+        status, body = _post(f"{base}/invocations",
+                             {"dataframe_split": {"columns": ["image"], "data": [[c] for c in face_crops_b64(astronaut_rgb)]}})
+        assert status == 200, body
+        predictions = json.loads(body)["predictions"]
+        assert len(predictions) == 2
+        for row in predictions:
+            assert 0.0 <= row["score"] <= 63.0
+            assert row["severity"] in ("minimal", "mild", "moderate", "severe")
+
+        bad_requests = {
+            "empty batch": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),
+            "not an image": ({"dataframe_split": {"columns": ["image"], "data": [["bm90IGFuIGltYWdl"], ["%%%"]]}},
+                             "not a decodable JPEG/PNG image"),
+            "wrong column": ({"dataframe_split": {"columns": ["picture"], "data": [["abc"]]}}, "image"),
+        }
+        for case, (payload, words) in bad_requests.items():
+            status, body = _post(f"{base}/invocations", payload)
+            assert 400 <= status < 500, f"{case}: HTTP {status} {body[:500]}"
+            message = json.loads(body)["message"]
+            assert words in message, f"{case}: unhelpful message {message[:500]}"
+    finally:
+        import signal
+
+        try:  # the server forks uvicorn workers: stop its whole process group
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
