@@ -1,0 +1,531 @@
+"""Distributed HMHN training: Ray Train V2 (PyTorch DDP) over face shards, tracked in MLflow.
+
+    run_training(TrainConfig(data="data/faces/ab12cd34", workers=2, epochs=10))
+
+Two functions carry it, in the style of the Ray Train examples:
+* `train_loop_per_worker` - what every worker runs: build the model, resume from Ray Train's
+  checkpoint if there is one, then per epoch train on its share of the frames, evaluate dev per
+  video across all workers, report metrics + a checkpoint (rank 0). At the end it evaluates the
+  best weights on dev and test and rank 0 logs the evaluation artifacts.
+* `run_training` - the driver: index the shard set, find or create the MLflow run, size the
+  workers to the cluster, fit, then log + register the best model and move the aliases.
+
+Resume = rerun with the same run name (Ray Train V2 restores from RunConfig(name, storage_path));
+a worker that dies is restarted from the last checkpoint (FailureConfig.max_failures).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metrics, video_scores
+from hmhn.data import (ShardSet, check_trainable, iter_eval_batches, open_shardset, owner_rank,
+                       train_dataset)
+from hmhn.image import to_model_input
+
+CHECKPOINT_FILE = "checkpoint.pt"
+KILL_ENV = "HMHN_TEST_KILL_RANK1_AT_EPOCH"  # test-only: rank 1 exits once at this epoch
+KILL_MARKER_ENV = "HMHN_TEST_KILL_MARKER"     # the file that makes it "once"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; logged to MLflow and stored in every checkpoint."""
+
+    data: str = field(default="", metadata={"help": "shard set written by preprocessing: OUTPUT/<preprocess_version>/"})
+    run_name: str = field(default="", metadata={"help": "training run name; rerunning with the same name resumes "
+                                                        "it (default: hmhn-<date>-<time>)"})
+    workers: int = field(default=2, metadata={"help": "Ray Train workers (one per GPU with --gpu)"})
+    gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast, channels_last"})
+    cpus_per_worker: float = field(default=0.0, metadata={"help": "CPUs reserved per worker; 0 = half the "
+                                                                  "cluster's CPUs shared by the workers, the "
+                                                                  "other half left to the Ray Data pipeline"})
+    epochs: int = field(default=10, metadata={"help": "total epochs (a resumed run continues up to this)"})
+    batch_size: int = field(default=32, metadata={"help": "frames per batch per worker"})
+    frames_per_video: int = field(default=64, metadata={"help": "training frames drawn per video per epoch"})
+    eval_frames_per_video: int = field(default=0, metadata={"help": "frames per dev/test video to evaluate "
+                                                                    "(uniform; 0 = all)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "frames per evaluation batch"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the ResNet-18 trunk"})
+    head_lr: float = field(default=1e-3, metadata={"help": "learning rate of GWA/DFF/MAB/regressor"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    lr_decay: float = field(default=0.8, metadata={"help": "ExponentialLR gamma per epoch"})
+    backbone_checkpoint: str = field(default="", metadata={"help": "optional pretrained ResNet-18 state dict "
+                                                                   "(torchvision or DAN MS-Celeb) for a fresh run"})
+    seed: int = field(default=0, metadata={"help": "seed of model initialisation (same on every worker)"})
+    storage_path: str = field(default="", metadata={"help": "Ray Train checkpoints (shared storage on a "
+                                                            "cluster; default ~/ray_results)"})
+    max_failures: int = field(default=2, metadata={"help": "worker failures to recover from (restart from "
+                                                           "the last checkpoint)"})
+    num_to_keep: int = field(default=2, metadata={"help": "checkpoints kept: the best by dev RMSE + the latest"})
+    mlflow_uri: str = field(default="", metadata={"help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                          "else sqlite:///mlflow.db + ./mlartifacts)"})
+    experiment: str = field(default="hmhn", metadata={"help": "MLflow experiment"})
+    model_name: str = field(default="hmhn", metadata={"help": "registered model name"})
+    register: bool = field(default=True, metadata={"help": "log + register the best model, move aliases"})
+    log_attention_maps: bool = field(default=False, metadata={"help": "log per-head attention maps over a few "
+                                                                      "dev faces (face images: health data; "
+                                                                      "off unless asked for)"})
+    attention_frames: int = field(default=4, metadata={"help": "faces shown with --log-attention-maps"})
+    allow_no_dev: bool = field(default=False, metadata={"help": "train without a dev split, selecting the best "
+                                                                "epoch on the training videos"})
+    model: HMHNConfig = field(default_factory=HMHNConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        for name in ("workers", "epochs", "batch_size", "frames_per_video", "eval_batch_size", "num_to_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' "
+                             "(it names a checkpoint folder and an MLflow tag)")
+        if self.cpus_per_worker < 0 or self.max_failures < -1 or self.eval_frames_per_video < 0:
+            raise ValueError("cpus_per_worker and eval_frames_per_video must be >= 0, max_failures >= -1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        values = dict(values)
+        values["model"] = HMHNConfig(**values.get("model", {}))
+        values["loss"] = LossConfig(**values.get("loss", {}))
+        return cls(**values)
+
+
+@dataclass
+class TrainingResult:
+    run_name: str
+    run_id: str                              # MLflow run
+    model_uri: str | None                    # models:/NAME/VERSION (None with register=False)
+    champion_moved: bool
+    best_epoch: int
+    best_dev_rmse: float
+    best_dev_mae: float
+    test_rmse: float | None                  # best model, per video; None without a labelled test split
+    test_mae: float | None
+    baseline_test_rmse: float | None         # predicting the training mean for every video
+    baseline_test_mae: float | None
+    epochs_run: list[int]                    # epochs trained by the last worker group of this call
+    checkpoint_path: str | None              # best Ray Train checkpoint
+    preprocess_version: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)  # their per-epoch metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by the worker loop, the benchmark and tests
+
+
+def build_model(config: TrainConfig, train_mean: float) -> HMHN:
+    torch.manual_seed(config.seed)  # identical init on every worker (DDP broadcasts rank 0's anyway)
+    return HMHN(dataclasses.replace(config.model, initial_score=train_mean))
+
+
+def make_optimizer(model: HMHN, config: TrainConfig):
+    """AdamW with the trunk at lr and the new blocks at head_lr (MODEL.md section 5)."""
+    trunk = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.AdamW([{"params": trunk, "lr": config.lr}, {"params": rest, "lr": config.head_lr}],
+                                  weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+
+
+@torch.no_grad()
+def predict_frames(model: HMHN, shardset: ShardSet, videos, config: TrainConfig,
+                   device: torch.device | str = "cpu") -> tuple[list[str], list[float]]:
+    """Frame scores (clamped to 0..63, as the registered model serves them) of `videos`, in a stable order."""
+    scorer = HMHNScorer(model, clamp=True).eval()
+    device = torch.device(device)
+    ids: list[str] = []
+    scores: list[float] = []
+    for batch_ids, images, _ in iter_eval_batches(shardset, videos, config.model.input_size, config.eval_batch_size,
+                                                  config.eval_frames_per_video):
+        x = to_model_input(torch.from_numpy(images).to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            scores.extend(scorer(x).float().cpu().tolist())
+        ids.extend(batch_ids)
+    return ids, scores
+
+
+def evaluate_split(model: HMHN, shardset: ShardSet, split: str, config: TrainConfig,
+                   device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """(per-video predictions, {"rmse","mae","n_videos"}) of one split.
+
+    With world_size > 1 (inside the worker group) each worker scores only the videos it owns
+    (stable hash of video_id) and the frame scores are all-gathered: every frame counted once,
+    the same numbers as world_size == 1.
+    """
+    if world_size > 1:
+        # DDP syncs BatchNorm running stats from rank 0 only at the start of each forward, so after
+        # training every rank holds slightly different ones; evaluate with rank 0's (= the checkpoint's).
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+    videos = [v for v in shardset.split(split) if owner_rank(v.video_id, world_size) == rank]
+    ids, scores = predict_frames(model, shardset, videos, config, device)
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, (ids, scores))
+        ids = [i for part in gathered for i in part[0]]
+        scores = [s for part in gathered for s in part[1]]
+    predictions = video_scores(ids, scores) if ids else {}
+    truth = shardset.labels(split)
+    metrics = video_metrics(predictions, truth) if set(predictions) & set(truth) else \
+        {"rmse": math.nan, "mae": math.nan, "n_videos": 0}
+    return predictions, metrics
+
+
+def baseline_metrics(shardset: ShardSet, split: str) -> dict[str, float] | None:
+    """Predict-the-training-mean for every video of `split` (None when it has no labelled videos)."""
+    truth = shardset.labels(split)
+    if not truth:
+        return None
+    mean = shardset.train_mean()
+    return video_metrics({v: mean for v in truth}, truth)
+
+
+def load_checkpoint_state(checkpoint_dir: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The dict a worker saved (model, optimizer, scheduler, epoch, config, best, ...); tensors only: weights_only."""
+    return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
+def model_from_checkpoint(checkpoint_dir: str | os.PathLike, best: bool = False) -> tuple[HMHN, dict[str, Any]]:
+    """Rebuild HMHN on CPU from a checkpoint (its own config), in eval mode; best=True: the best weights in it."""
+    state = load_checkpoint_state(checkpoint_dir)
+    model = HMHN(HMHNConfig(**state["model_config"]))
+    weights = state["best"]["model"] if best and state["best"]["model"] is not None else state["model"]
+    model.load_state_dict(weights)
+    return model.eval(), state
+
+
+def _maybe_die_for_test(test_kill: dict | None, rank: int, epoch: int) -> None:
+    """Test hook (HMHN_TEST_KILL_RANK1_AT_EPOCH): rank 1 exits hard, once, to exercise FailureConfig."""
+    if test_kill and rank == 1 and epoch == test_kill["epoch"] and not os.path.exists(test_kill["marker"]):
+        import ray.train
+
+        # Ray Train registers reports asynchronously: a crash within a moment of the previous
+        # report restarts from the checkpoint before it (that epoch is then trained again). Wait
+        # until the controller has the last report, so the test sees the deterministic case.
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
+        Path(test_kill["marker"]).write_text(f"killed at epoch {epoch}\n")
+        os._exit(1)
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
+    import ray.train
+    import ray.train.torch
+
+    from hmhn.tracking import RunLogger
+
+    config: TrainConfig = TrainConfig.from_dict(loop["config"])
+    shardset: ShardSet = loop["shardset"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    master = rank == 0  # rank 0 logs to MLflow and writes checkpoints
+    torch.set_num_threads(loop["threads"])  # = CPUs reserved for this worker: no oversubscription
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    select_split = "dev" if shardset.split("dev") else "train"  # "train" only with --allow-no-dev
+
+    # Model, optimizer, schedule; then whatever Ray Train hands back on resume/restart.
+    model = build_model(config, loop["train_mean"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.backbone_checkpoint:
+        from hmhn import load_backbone_checkpoint
+
+        load_backbone_checkpoint(model, config.backbone_checkpoint)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # to device + DDP when world_size > 1
+    raw_model: HMHN = model.module if hasattr(model, "module") else model
+    optimizer, scheduler = make_optimizer(raw_model, config)
+    start_epoch = 0
+    best: dict[str, Any] = {"epoch": 0, "dev_rmse": math.inf, "dev_mae": math.inf, "model": None}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint_state(folder, device)
+        if state["preprocess_version"] != shardset.preprocess_version:
+            raise ValueError(f"run {loop['run_name']!r} was trained on preprocess_version "
+                             f"{state['preprocess_version']}, --data has {shardset.preprocess_version}: "
+                             "use a new --run-name")
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        best = dict(state["best"])
+        if best["model"] is None:  # the checkpoint's own epoch was the best one
+            best["model"] = copy.deepcopy(state["model"])
+        del state
+
+    logger = RunLogger(loop["tracking_uri"], loop["run_id"]) if master else None
+    if master:
+        system_metrics = logger.start_system_metrics()
+        logger.log_params({**config.to_dict(), "world_size": world_size, "threads_per_worker": loop["threads"],
+                           "cpus_per_worker": loop["cpus_per_worker"], "device": device.type,
+                           "preprocess_version": shardset.preprocess_version,
+                           "train_mean": round(loop["train_mean"], 4), "selection_split": select_split,
+                           "train_videos": len(shardset.split("train")),
+                           "dev_videos": len(shardset.split("dev")), "test_videos": len(shardset.split("test"))})
+        logger.set_tags({"system_metrics": system_metrics})
+        if start_epoch:
+            print(f"[hmhn] resuming {loop['run_name']} after epoch {start_epoch} "
+                  f"(best so far: epoch {best['epoch']}, dev RMSE {best['dev_rmse']:.3f})", flush=True)
+
+    history: list[dict[str, float]] = []  # epochs trained by this worker group (returned by rank 0)
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        # ---- train one epoch on this worker's share of the frames drawn for this epoch
+        model.train()
+        started = time.perf_counter()
+        sums = np.zeros(3)  # total, regression, partition losses, weighted by batch size
+        samples = 0
+        for step, batch in enumerate(train_shard.iter_torch_batches(
+                batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size,
+                drop_last=True,  # a 1-frame last batch breaks BatchNorm in train mode
+                dtypes={"image": torch.uint8, "label": torch.float32})):
+            x = to_model_input(batch["image"].to(device, non_blocking=True))
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                output = model(x)
+            loss, parts = hmhn_loss(output, y, config.loss)  # fp32
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = y.shape[0]
+            sums += n * np.array([loss.item(), parts["regression"].item(), parts["partition"].item()])
+            samples += n
+            if step == 0:
+                _maybe_die_for_test(loop.get("test_kill"), rank, epoch)
+        seconds = time.perf_counter() - started
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        *total_sums, total_samples = _all_reduce([*sums.tolist(), samples])
+        (slowest,) = _all_reduce([seconds], torch.distributed.ReduceOp.MAX if world_size > 1 else None)
+
+        # ---- per-video evaluation, every frame once across the workers
+        _, dev = evaluate_split(raw_model, shardset, select_split, config, device, rank, world_size)
+        if dev["rmse"] < best["dev_rmse"]:
+            best = {"epoch": epoch, "dev_rmse": dev["rmse"], "dev_mae": dev["mae"],
+                    "model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}}
+        metrics = {"epoch": epoch, "train_loss": total_sums[0] / max(total_samples, 1),
+                   "train_regression_loss": total_sums[1] / max(total_samples, 1),
+                   "train_partition_loss": total_sums[2] / max(total_samples, 1),
+                   "dev_rmse": dev["rmse"], "dev_mae": dev["mae"], "lr": lr, "train_samples": total_samples,
+                   "samples_per_s": total_samples / max(slowest, 1e-9), "epoch_seconds": slowest,
+                   "best_dev_rmse": best["dev_rmse"], "best_epoch": best["epoch"], "start_epoch": start_epoch}
+        history.append(metrics)
+
+        # ---- report (every worker, same number of times); rank 0 attaches the checkpoint
+        if master:
+            logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
+            print(f"[hmhn] epoch {epoch}/{config.epochs}  train loss {metrics['train_loss']:.3f}  "
+                  f"{select_split} RMSE {dev['rmse']:.3f} MAE {dev['mae']:.3f}  "
+                  f"{metrics['samples_per_s']:.1f} samples/s  ({slowest:.1f} s)", flush=True)
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
+                            "model_config": dataclasses.asdict(raw_model.config),
+                            "preprocess_version": shardset.preprocess_version,
+                            "train_mean": loop["train_mean"], "metrics": metrics, "run_id": loop["run_id"],
+                            # the best weights only when they differ from this epoch's (saves space)
+                            "best": {**best, "model": None if best["epoch"] == epoch else best["model"]}},
+                           Path(folder) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+
+    # ---- final evaluation of the best weights on every split (no report: counts stay equal)
+    raw_model.load_state_dict(best["model"])
+    predictions = {split: evaluate_split(raw_model, shardset, split, config, device, rank, world_size)
+                   for split in ("dev", "test") if shardset.split(split)}
+    if not master:
+        return None
+    final = {"best_epoch": best["epoch"], "best_dev_rmse": best["dev_rmse"], "best_dev_mae": best["dev_mae"]}
+    for split, (_, m) in predictions.items():
+        final.update({f"best_{split}_rmse": m["rmse"], f"best_{split}_mae": m["mae"]})
+    logger.log_metrics(final)
+    _log_evaluation_artifacts(logger, shardset, predictions, loop["run_name"], best["epoch"])
+    if config.log_attention_maps:
+        _log_attention_maps(logger, raw_model, shardset, config, device)
+    logger.stop_system_metrics()
+    return {**final, "history": history, "predictions": {split: p for split, (p, _) in predictions.items()}}
+
+
+def _log_evaluation_artifacts(logger, shardset: ShardSet, predictions, run_name: str, best_epoch: int) -> None:
+    """Per-video CSV and predicted-vs-true scatter (numbers only: no face pixels)."""
+    from hmhn.tracking import prediction_table, scatter_figure
+
+    by_id = {v.video_id: v for v in shardset.videos}
+    rows = [{"split": split, "video_id": vid, "subject_id": by_id[vid].subject_id, "label": by_id[vid].label,
+             "prediction": score, "n_frames": len(by_id[vid].frame_indices)}
+            for split, (preds, _) in predictions.items() for vid, score in sorted(preds.items())]
+    logger.log_text(prediction_table(rows), "evaluation/video_predictions.csv")
+    labelled = [r for r in rows if not math.isnan(r["label"])]
+    if labelled:
+        logger.log_figure(scatter_figure(labelled, f"{run_name}, best epoch {best_epoch}"),
+                          "evaluation/predicted_vs_true.png")
+
+
+def _log_attention_maps(logger, model: HMHN, shardset: ShardSet, config: TrainConfig, device) -> None:
+    """Opt-in only (face images are health data): per-head attention over a few dev faces."""
+    from hmhn.explain import attention_figure
+
+    videos = shardset.split("dev") or shardset.split("train")
+    ids, images, _ = next(iter_eval_batches(shardset, videos[:config.attention_frames], config.model.input_size,
+                                            batch_size=config.attention_frames, max_frames_per_video=1))
+    scorer = HMHNScorer(model).eval()
+    maps = scorer.attention_maps(to_model_input(torch.from_numpy(images).to(device)),
+                                 size=config.model.input_size, normalise=True).cpu().numpy()
+    logger.log_figure(attention_figure(images, maps, ids), "evaluation/attention_maps.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+
+
+def worker_resources(config: TrainConfig, cluster_cpus: float, cluster_gpus: float) -> tuple[float, int]:
+    """(CPUs reserved per worker, torch threads per worker).
+
+    Half of the cluster's CPUs go to the workers and half stay free for the Ray Data pipeline that
+    decodes and augments their frames: with 1 CPU per worker on a 2-core machine the data pipeline
+    gets none and training hangs (ENVIRONMENT.md).
+    """
+    if config.gpu and cluster_gpus < config.workers:
+        raise ValueError(f"--gpu with {config.workers} workers needs {config.workers} GPUs; "
+                         f"the Ray cluster has {cluster_gpus:g}")
+    cpus = config.cpus_per_worker or max(0.05, round(cluster_cpus / 2 / config.workers, 2))
+    if cpus * config.workers > cluster_cpus:
+        raise ValueError(f"{config.workers} workers x {cpus} CPUs exceed the cluster's {cluster_cpus:g} CPUs")
+    return cpus, max(1, int(cpus))
+
+
+def _test_kill_option(run_name: str) -> dict | None:
+    if not os.environ.get(KILL_ENV):
+        return None
+    marker = os.environ.get(KILL_MARKER_ENV) or os.path.join(tempfile.gettempdir(), f"hmhn-test-kill-{run_name}")
+    return {"epoch": int(os.environ[KILL_ENV]), "marker": marker}
+
+
+def run_training(config: TrainConfig) -> TrainingResult:
+    """Train (or resume) a run on the Ray cluster from pipeline.ray_utils.init_ray; see the module doc."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from hmhn import tracking
+    from pipeline.ray_utils import cluster_cpus, cluster_gpus, init_ray
+    from pipeline.storage import require_shared_storage
+
+    if not config.data:
+        raise ValueError("no shard set given (--data OUTPUT/<preprocess_version>/)")
+    shardset = open_shardset(config.data)
+    check_trainable(shardset, config.allow_no_dev)
+    per_worker = len(shardset.split("train")) * config.frames_per_video // config.workers
+    if per_worker < config.batch_size:
+        raise ValueError(f"each of the {config.workers} workers gets ~{per_worker} training frames per epoch, fewer "
+                         f"than --batch-size {config.batch_size}: no training step would run (lower --batch-size "
+                         f"or --workers, or raise --frames-per-video)")
+    init_ray()
+    require_shared_storage(config.data, "--data")
+    if config.storage_path:
+        require_shared_storage(config.storage_path, "--storage-path")
+    total_cpus = cluster_cpus()
+    cpus_per_worker, threads = worker_resources(config, total_cpus, cluster_gpus())
+    # The frame-sampling tasks share what the workers leave free; a whole CPU each would not fit
+    # beside the workers on small nodes (two 1-CPU nodes: 0.6 per worker leaves 0.4 per node).
+    data_cpus = round(min(1.0, max(0.1, (total_cpus - cpus_per_worker * config.workers) / 2)), 2)
+    run_name = config.run_name or time.strftime("hmhn-%Y%m%d-%H%M%S")
+
+    tracking_uri = tracking.resolve_tracking_uri(config.mlflow_uri)
+    run_id, resumed = tracking.start_or_resume_run(
+        tracking_uri, config.experiment, run_name,
+        {"preprocess_version": shardset.preprocess_version, "data": config.data})
+    if resumed:
+        known = tracking.run_tags(tracking_uri, run_id).get("preprocess_version")
+        if known and known != shardset.preprocess_version:
+            raise ValueError(f"run {run_name!r} was trained on preprocess_version {known}, --data has "
+                             f"{shardset.preprocess_version}: use a new --run-name")
+    train_mean = shardset.train_mean()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "shardset": shardset, "run_name": run_name,
+                           "run_id": run_id, "tracking_uri": tracking_uri, "train_mean": train_mean,
+                           "threads": threads, "cpus_per_worker": cpus_per_worker,
+                           "test_kill": _test_kill_option(run_name)},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=config.storage_path or None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep,
+                                                         checkpoint_score_attribute="dev_rmse",
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
+        datasets={"train": train_dataset(shardset, config.frames_per_video, config.model.input_size,
+                                         num_cpus=data_cpus)},
+        # dev/test never go through Ray's split (equal=True may drop rows): workers evaluate disjoint videos.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(tracking_uri, run_id, "FAILED")
+        raise
+
+    final = result.return_value or {}
+    best_checkpoint = result.get_best_checkpoint(metric="dev_rmse", mode="min") or result.checkpoint
+    history = final.get("history", [])
+
+    model_uri, moved = None, False
+    with best_checkpoint.as_directory() as folder:
+        model, state = model_from_checkpoint(folder)
+        best_epoch = int(state["epoch"])
+        if config.register:
+            version = tracking.log_and_register_model(
+                tracking_uri, run_id, model, config.model_name,
+                preprocess_config=shardset.preprocess_config or {"preprocess_version": shardset.preprocess_version,
+                                                                 "config": {}},
+                version_tags={"best_epoch": best_epoch, "training_run": run_name,
+                              "aggregation": "mean of frame scores per video"})
+            moved = tracking.promote(tracking_uri, config.model_name, version, float(state["metrics"]["dev_rmse"]))
+            model_uri = f"models:/{config.model_name}/{version}"
+    baseline = baseline_metrics(shardset, "test")
+    baseline_dev = baseline_metrics(shardset, "dev")
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    logger.log_metrics({f"baseline_{s}_{k}": v for s, b in (("test", baseline), ("dev", baseline_dev)) if b
+                        for k, v in b.items() if k != "n_videos"})
+    logger.set_tags({"champion_moved": moved, "model_uri": model_uri or ""})
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
+    return TrainingResult(
+        run_name=run_name, run_id=run_id, model_uri=model_uri, champion_moved=moved, best_epoch=best_epoch,
+        best_dev_rmse=float(state["metrics"]["dev_rmse"]), best_dev_mae=float(state["metrics"]["dev_mae"]),
+        test_rmse=final.get("best_test_rmse"), test_mae=final.get("best_test_mae"),
+        baseline_test_rmse=baseline["rmse"] if baseline else None,
+        baseline_test_mae=baseline["mae"] if baseline else None,
+        epochs_run=[int(m["epoch"]) for m in history], checkpoint_path=best_checkpoint.path,
+        preprocess_version=shardset.preprocess_version, history=history)

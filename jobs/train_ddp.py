@@ -1,0 +1,64 @@
+"""Train HMHN with Ray Train (PyTorch DDP) on face shards; track and register it in MLflow.
+
+    python jobs/train_ddp.py --data data/faces/<preprocess_version> --workers 2 --input-size 112 --epochs 5
+    python jobs/train_ddp.py --workers 8 --gpu --data s3://bucket/faces/<version> --mlflow-uri http://mlflow:5000 \\
+        --storage-path s3://bucket/ray_results --run-name hmhn-avec2014-a
+
+Rerun with the same --run-name to resume (e.g. with a larger --epochs). Options can also come from
+a YAML file (--config FILE; keys = option names, model/loss options by their own names).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Ray workers of a local instance inherit this environment: they import hmhn/pipeline from the
+# checkout whatever the working directory is (`ray job submit --working-dir .` does it on clusters).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+from hmhn import HMHNConfig, LossConfig  # noqa: E402
+from hmhn.train import TrainConfig, run_training  # noqa: E402
+from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of defaults (keys = option names)")
+    add_config_arguments(parser, TrainConfig, "training", skip=("model", "loss"))
+    add_config_arguments(parser, HMHNConfig, "model", skip=("initial_score",))  # set from the training mean
+    add_config_arguments(parser, LossConfig, "loss")
+    args = parser.parse_args(argv)
+    values = load_yaml_defaults(args.config)
+    pick = lambda cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}  # noqa: E731
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__) - set(HMHNConfig.__dataclass_fields__) \
+        - set(LossConfig.__dataclass_fields__)
+    if unknown:
+        raise SystemExit(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+    config = build_config(TrainConfig, args, pick(TrainConfig),
+                          model=build_config(HMHNConfig, args, pick(HMHNConfig)),
+                          loss=build_config(LossConfig, args, pick(LossConfig)))
+    if not config.data:
+        parser.error("--data is required (the shard set: OUTPUT/<preprocess_version>/ of preprocessing)")
+    try:
+        result = run_training(config)
+    except ValueError as exc:  # bad data / options: a message, not a traceback
+        raise SystemExit(f"error: {exc}") from exc
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    print(f"run {result.run_name} (MLflow run {result.run_id}); model {result.model_uri or 'not registered'}"
+          f"{' -> champion' if result.champion_moved else ''}")
+    print(f"best epoch {result.best_epoch}: dev RMSE {fmt(result.best_dev_rmse)} MAE {fmt(result.best_dev_mae)}")
+    print(f"test RMSE {fmt(result.test_rmse)} MAE {fmt(result.test_mae)}   "
+          f"(predict-the-training-mean baseline: RMSE {fmt(result.baseline_test_rmse)} "
+          f"MAE {fmt(result.baseline_test_mae)})")
+    print(json.dumps({k: v for k, v in vars(result).items() if k not in ("history",)}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

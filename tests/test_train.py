@@ -1,0 +1,337 @@
+"""Distributed training end to end: real local Ray (the session's 2-CPU instance), real MLflow.
+
+Training runs are expensive on 2 cores (~1 min each), so one module-scoped fixture trains the
+run that most assertions share:
+  call A: run "shared", 1 epoch (2 workers);
+  call B: same run name, --epochs 3, with rank 1 killed once at epoch 3 -> resumes after epoch 1,
+          trains epoch 2, loses a worker in epoch 3, restarts from the epoch-2 checkpoint, finishes.
+The alias logic is tested on the registry directly with fake versions; the MLflow-server test
+trains one more tiny 1-worker run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmhn import HMHN, HMHNConfig
+from hmhn.data import (ShardSetError, check_trainable, open_shardset, sample_train_frames, uniform_positions,
+                       write_synthetic_shardset)
+from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
+                        run_training, worker_resources)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64  # crops and model input: HMHN needs a multiple of its 4x4 grid, >= 32
+
+
+def tiny_config(data: str, **overrides) -> TrainConfig:
+    values = dict(data=data, workers=2, epochs=1, batch_size=8, frames_per_video=4, eval_batch_size=16,
+                  lr=3e-4, head_lr=1e-3, max_failures=2, model_name="hmhn-test",
+                  model=HMHNConfig(input_size=SIZE, num_heads=2))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("faces") / "synth000"
+    return write_synthetic_shardset(str(root), {"train": 6, "dev": 3, "test": 2}, frames_per_video=6, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def module_mlflow(tmp_path_factory):
+    """Like conftest's mlflow_store, for module-scoped fixtures: a temp sqlite store + ./mlartifacts."""
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp / "mlartifacts"))
+        mp.chdir(tmp)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        yield uri
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, shard_root, module_mlflow, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("ray_results")
+    marker = storage / "killed-once"
+    # Call A registers nothing (saves an export); registration is checked on call B.
+    first = run_training(tiny_config(shard_root, run_name="shared", storage_path=str(storage), register=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KILL_ENV, "3")
+        mp.setenv(KILL_MARKER_ENV, str(marker))
+        second = run_training(tiny_config(shard_root, run_name="shared", storage_path=str(storage), epochs=3))
+    return {"first": first, "second": second, "marker": marker, "uri": module_mlflow, "data": shard_root}
+
+
+# ----------------------------------------------------------------------------------------------
+# Cheap unit tests (no Ray)
+
+
+def test_uniform_positions_fixed_count_and_spread():
+    assert uniform_positions(100, 4, 0.0).tolist() == [0, 25, 50, 75]
+    assert uniform_positions(100, 4, 0.99).tolist() == [24, 49, 74, 99]
+    short = uniform_positions(3, 7, 0.5).tolist()  # short video: repeats, still k samples, all frames used
+    assert len(short) == 7 and sorted(set(short)) == [0, 1, 2] and short == sorted(short)
+
+
+def test_train_frames_fixed_per_video_and_redrawn(shard_root):
+    shardset = open_shardset(shard_root)
+    video = shardset.split("train")[0]
+    batch = {"video_id": np.array([video.video_id]), "label": np.array([video.label]),
+             "files": [list(video.files)], "frame_indices": [list(video.frame_indices)]}
+    draws = [sample_train_frames(batch, shard_root, 3, SIZE, augment_frames=False) for _ in range(12)]
+    assert all(d["image"].shape == (3, SIZE, SIZE, 3) and d["image"].dtype == np.uint8 for d in draws)
+    assert all(np.allclose(d["label"], video.label) for d in draws)
+    assert len({d["image"].tobytes() for d in draws}) > 1  # re-drawn: not the same frames every epoch
+
+
+def test_shardset_errors(tmp_path):
+    with pytest.raises(ShardSetError, match="no shards/"):
+        open_shardset(str(tmp_path))
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(ShardSetError, match="no .parquet"):
+        open_shardset(str(tmp_path))
+    no_dev = write_synthetic_shardset(str(tmp_path / "nodev"), {"train": 2, "test": 1}, frames_per_video=2)
+    with pytest.raises(ShardSetError, match="no dev videos.*--allow-no-dev"):
+        check_trainable(open_shardset(no_dev))
+    check_trainable(open_shardset(no_dev), allow_no_dev=True)
+    no_train = write_synthetic_shardset(str(tmp_path / "notrain"), {"dev": 1}, frames_per_video=2)
+    with pytest.raises(ShardSetError, match="no training videos"):
+        check_trainable(open_shardset(no_train))
+
+
+def test_cli_reports_missing_shards(tmp_path, monkeypatch):
+    import runpy
+
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the job edits it; restore after
+    job = runpy.run_path(str(REPO / "jobs" / "train_ddp.py"))
+    with pytest.raises(SystemExit, match="error: no shards/ folder"):
+        job["main"](["--data", str(tmp_path), "--input-size", "64", "--num-heads", "2"])
+    with pytest.raises(SystemExit):
+        job["main"](["--epochs", "2"])  # --data is required
+
+
+def test_worker_resources_leave_cpu_for_data():
+    assert worker_resources(TrainConfig(workers=2), 2, 0) == (0.5, 1)
+    assert worker_resources(TrainConfig(workers=1), 2, 0) == (1.0, 1)
+    assert worker_resources(TrainConfig(workers=8, gpu=True), 64, 8) == (4.0, 4)
+    with pytest.raises(ValueError, match="needs 8 GPUs"):
+        worker_resources(TrainConfig(workers=8, gpu=True), 64, 4)
+
+
+def test_attention_maps_only_rendered_when_asked(shard_root):
+    from hmhn.train import _log_attention_maps
+
+    class Recorder:
+        def __init__(self):
+            self.figures = []
+
+        def log_figure(self, figure, artifact_file):
+            self.figures.append((figure, artifact_file))
+
+    config = tiny_config(shard_root, log_attention_maps=True, attention_frames=2)
+    recorder = Recorder()
+    model = HMHN(dataclasses.replace(config.model)).eval()
+    _log_attention_maps(recorder, model, open_shardset(shard_root), config, "cpu")
+    (figure, name), = recorder.figures
+    assert name == "evaluation/attention_maps.png" and len(figure.axes) == 2 * (1 + config.model.num_heads)
+    with pytest.raises(ValueError, match="run_name"):
+        TrainConfig(run_name="a b'; drop")
+
+
+def test_alias_champion_moves_only_on_improvement(mlflow_store):
+    from mlflow import MlflowClient
+
+    from hmhn.tracking import promote
+
+    client = MlflowClient()
+    name = "alias-test"
+    client.create_registered_model(name)
+    versions = [client.create_model_version(name, source=f"file:///nowhere/{i}").version for i in range(5)]
+    assert promote(mlflow_store, name, versions[0], 8.0) is True            # first model: champion
+    assert promote(mlflow_store, name, versions[1], 9.0) is False           # worse: candidate only
+    assert client.get_model_version_by_alias(name, "candidate").version == versions[1]
+    assert client.get_model_version_by_alias(name, "champion").version == versions[0]
+    assert promote(mlflow_store, name, versions[2], 8.0) is False           # a tie is not an improvement
+    assert promote(mlflow_store, name, versions[3], 7.5) is True            # better: champion moves
+    assert client.get_model_version_by_alias(name, "champion").version == versions[3]
+    client.delete_model_version_tag(name, versions[3], "dev_rmse")          # champion of unknown quality ...
+    assert promote(mlflow_store, name, versions[4], 1.0) is False           # ... is left alone
+    assert client.get_model_version_by_alias(name, "champion").version == versions[3]
+
+
+# ----------------------------------------------------------------------------------------------
+# One shared distributed run
+
+
+def test_resume_continues_and_worker_failure_restarts_from_checkpoint(trained):
+    from mlflow import MlflowClient
+
+    first, second = trained["first"], trained["second"]
+    assert first.epochs_run == [1]
+    assert second.run_id == first.run_id                       # same MLflow run across reruns and restarts
+    assert trained["marker"].exists()                          # rank 1 really died once
+    # The worker group that finished was restarted from the epoch-2 checkpoint of the same call.
+    assert second.epochs_run == [3] and second.history[0]["start_epoch"] == 2
+    client = MlflowClient(trained["uri"])
+    steps = [m.step for m in client.get_metric_history(second.run_id, "train_loss")]
+    assert sorted(steps) == [1, 2, 3]                          # every epoch trained and logged exactly once
+    run = client.get_run(second.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "1" and run.data.tags["changed.epochs"] == "3"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_registered_champion_loads_and_predicts(trained):
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from hmhn import HMHNScorer
+    from hmhn.image import encode_jpeg, to_model_input
+    from hmhn.serving import load_scoring_model
+
+    second = trained["second"]
+    assert second.model_uri.startswith("models:/hmhn-test/")
+    # The registered model is the scoring model: plain torch for batch scoring ...
+    champion, preprocess_config, input_size = load_scoring_model("models:/hmhn-test@champion")
+    assert input_size == SIZE and preprocess_config["preprocess_version"] == second.preprocess_version
+    # ... and a pyfunc taking base64 face crops, as `mlflow models serve` does.
+    crops = np.random.default_rng(0).integers(0, 255, size=(5, SIZE, SIZE, 3), dtype=np.uint8)
+    frame = pd.DataFrame({"image": [base64.b64encode(encode_jpeg(c)).decode() for c in crops]})
+    out = mlflow.pyfunc.load_model("models:/hmhn-test@candidate").predict(frame)
+    assert len(out) == 5 and ((out["score"] >= 0) & (out["score"] <= 63)).all()
+    # candidate = this run's model = the best checkpoint's weights
+    model, _ = model_from_checkpoint(second.checkpoint_path)
+    from hmhn.image import decode_jpeg
+
+    x = to_model_input(np.stack([decode_jpeg(encode_jpeg(c), SIZE) for c in crops]))
+    expected = HMHNScorer(model).eval()(x).detach().numpy()
+    assert np.allclose(out["score"].to_numpy(), expected, atol=1e-3)
+    assert np.allclose(HMHNScorer(champion).eval()(x).detach().numpy(), expected, atol=1e-3) or not second.champion_moved
+    # The pt2 export of the same model sits beside it in the run.
+    pt2 = mlflow.pytorch.load_model(f"runs:/{second.run_id}/model_pt2")
+    assert np.allclose(pt2(x).detach().numpy(), expected, atol=1e-3)
+
+
+def test_distributed_metrics_equal_single_process(trained):
+    second = trained["second"]
+    model, state = model_from_checkpoint(second.checkpoint_path)
+    config = TrainConfig.from_dict(state["config"])
+    shardset = open_shardset(trained["data"])
+    _, dev = evaluate_split(model, shardset, "dev", config)       # one process, every frame
+    assert dev["n_videos"] == 3
+    assert math.isclose(dev["rmse"], state["metrics"]["dev_rmse"], rel_tol=1e-5, abs_tol=1e-4)
+    assert math.isclose(dev["mae"], state["metrics"]["dev_mae"], rel_tol=1e-5, abs_tol=1e-4)
+    assert math.isclose(dev["rmse"], second.best_dev_rmse, rel_tol=1e-5, abs_tol=1e-4)
+    _, test = evaluate_split(model, shardset, "test", config)
+    assert math.isclose(test["rmse"], second.test_rmse, rel_tol=1e-5, abs_tol=1e-4)
+    assert second.baseline_test_rmse is not None and second.baseline_test_mae is not None
+
+
+def _assert_run_logged(client, run_id: str, n_videos: int, world_size: int) -> None:
+    run = client.get_run(run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert params["model.input_size"] == str(SIZE) and params["world_size"] == str(world_size)
+    assert params["preprocess_version"] == "synth000"
+    for key in ("train_loss", "dev_rmse", "dev_mae", "lr", "samples_per_s", "best_dev_rmse", "best_test_rmse",
+                "baseline_test_rmse"):
+        assert key in metrics, key
+    files = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert files == {"evaluation/video_predictions.csv", "evaluation/predicted_vs_true.png"}  # no faces
+    table = client.download_artifacts(run_id, "evaluation/video_predictions.csv")
+    assert len(Path(table).read_text().strip().splitlines()) == 1 + n_videos
+    config = client.download_artifacts(run_id, "preprocessing/config.json")
+    assert json.loads(Path(config).read_text())["preprocess_version"] == "synth000"
+
+
+def test_mlflow_run_contents(trained):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(trained["uri"])
+    second = trained["second"]
+    _assert_run_logged(client, second.run_id, n_videos=5, world_size=2)
+    version = client.get_model_version_by_alias("hmhn-test", "candidate")
+    assert second.model_uri == f"models:/hmhn-test/{version.version}"
+    assert float(version.tags["dev_rmse"]) == pytest.approx(second.best_dev_rmse)
+    assert version.tags["preprocess_version"] == "synth000"
+
+
+# ----------------------------------------------------------------------------------------------
+# A real MLflow server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not come up")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    result = run_training(tiny_config(shard_root, run_name="server-run", workers=1, mlflow_uri=mlflow_server,
+                                      storage_path=str(tmp_path / "ray_results")))
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    _assert_run_logged(client, result.run_id, n_videos=5, world_size=1)
+    assert result.champion_moved and result.model_uri == "models:/hmhn-test/1"
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    try:
+        scores = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model_pt2")(torch.randn(2, 3, SIZE, SIZE))
+        from hmhn.serving import load_scoring_model
+
+        load_scoring_model("models:/hmhn-test@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert scores.shape == (2,)
+    assert not (tmp_path / "mlartifacts").exists() and not (tmp_path / "mlflow.db").exists()
