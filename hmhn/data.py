@@ -149,16 +149,24 @@ def uniform_positions(n: int, k: int, offset: float) -> np.ndarray:
 # Pixels
 
 
-def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+AUGMENTATIONS = ("full", "flip", "none")
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, mode: str = "full") -> np.ndarray:
     """DAN/RAF-DB-style augmentation of one aligned crop; nothing that changes the label.
 
-    Horizontal flip; with p=0.5 a small affine (rotation +-10 deg, scale 0.9-1.05, shift +-6%);
-    with p=0.25 random erasing of 2-20% of the image with noise. No colour jitter: lighting is
-    roughly constant within a recording (MODEL.md section 5).
+    "full": horizontal flip; with p=0.5 a small affine (rotation +-10 deg, scale 0.9-1.05, shift
+    +-6%); with p=0.25 random erasing of 2-20% of the image with noise. "flip": the flip only
+    (on tiny data sets erasing can hide the very mouth/eye cue of a video's few frames).
+    No colour jitter: lighting is roughly constant within a recording (MODEL.md section 5).
     """
     size = image.shape[0]
+    if mode == "none":
+        return image
     if rng.random() < 0.5:
         image = image[:, ::-1]
+    if mode == "flip":
+        return np.ascontiguousarray(image)
     if rng.random() < 0.5:
         angle = rng.uniform(-10, 10)
         scale = rng.uniform(0.9, 1.05)
@@ -188,7 +196,7 @@ def _read_frames(root: str, files: tuple[str, ...], video_ids: list[str], frame_
 
 
 def sample_train_frames(batch: dict[str, np.ndarray], root: str, frames_per_video: int, input_size: int,
-                        augment_frames: bool = True) -> dict[str, np.ndarray]:
+                        augmentation: str = "full") -> dict[str, np.ndarray]:
     """Ray Data UDF: rows of training videos in, `frames_per_video` decoded (augmented) crops out per video."""
     rng = np.random.default_rng()  # fresh entropy per execution = per epoch (see module doc)
     images, labels = [], []
@@ -200,12 +208,12 @@ def sample_train_frames(batch: dict[str, np.ndarray], root: str, frames_per_vide
         by_index = dict(zip(table.column("frame_index").to_pylist(), table.column("image").to_pylist()))
         for index in chosen:  # repeats allowed: short videos still give k samples
             image = decode_jpeg(by_index[index], input_size)
-            images.append(augment(image, rng) if augment_frames else image)
+            images.append(augment(image, rng, augmentation))
             labels.append(label)
     return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.float32)}
 
 
-def train_dataset(shardset: ShardSet, frames_per_video: int, input_size: int, augment: bool = True,
+def train_dataset(shardset: ShardSet, frames_per_video: int, input_size: int, augmentation: str = "full",
                   num_cpus: float = 1.0):
     """Ray Dataset of one epoch of training crops: {"image": uint8 (S,S,3), "label": float32}.
 
@@ -221,7 +229,7 @@ def train_dataset(shardset: ShardSet, frames_per_video: int, input_size: int, au
     return ds.randomize_block_order().map_batches(
         sample_train_frames, batch_size=1, num_cpus=num_cpus,
         fn_kwargs={"root": shardset.root, "frames_per_video": frames_per_video, "input_size": input_size,
-                   "augment_frames": augment})
+                   "augmentation": augmentation})
 
 
 def eval_frame_plan(videos: list[VideoInfo], max_frames_per_video: int = 0) -> list[tuple[str, list[int]]]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metrics, video_scores
-from hmhn.data import (ShardSet, check_trainable, iter_eval_batches, open_shardset, owner_rank,
+from hmhn.data import (AUGMENTATIONS, ShardSet, check_trainable, iter_eval_batches, open_shardset, owner_rank,
                        train_dataset)
 from hmhn.image import to_model_input
 
@@ -54,6 +54,9 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "total epochs (a resumed run continues up to this)"})
     batch_size: int = field(default=32, metadata={"help": "frames per batch per worker"})
     frames_per_video: int = field(default=64, metadata={"help": "training frames drawn per video per epoch"})
+    augmentation: str = field(default="full", metadata={
+        "help": "training augmentation: full (flip, small affine, random erasing), flip, none",
+        "choices": AUGMENTATIONS})
     eval_frames_per_video: int = field(default=0, metadata={"help": "frames per dev/test video to evaluate "
                                                                     "(uniform; 0 = all)"})
     eval_batch_size: int = field(default=64, metadata={"help": "frames per evaluation batch"})
@@ -84,6 +87,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         for name in ("workers", "epochs", "batch_size", "frames_per_video", "eval_batch_size", "num_to_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,6 +130,9 @@ class TrainingResult:
 
 # ----------------------------------------------------------------------------------------------
 # Pieces shared by the worker loop, the benchmark and tests
+
+
+SHUFFLE_BUFFER_MAX_ROWS = 2048  # ~300 MB of 224 px uint8 crops per worker
 
 
 def build_model(config: TrainConfig, train_mean: float) -> HMHN:
@@ -298,6 +306,11 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
 
     history: list[dict[str, float]] = []  # epochs trained by this worker group (returned by rank 0)
     train_shard = ray.train.get_dataset_shard("train")
+    # Each Ray Data task emits all k frames of one video (one label), so a small shuffle buffer
+    # gives batches of one or two videos: correlated gradients and useless BatchNorm statistics.
+    # Shuffle across (up to) a whole epoch of this worker's frames instead.
+    epoch_rows = len(shardset.split("train")) * config.frames_per_video // world_size
+    shuffle_rows = max(4 * config.batch_size, min(epoch_rows, SHUFFLE_BUFFER_MAX_ROWS))
     for epoch in range(start_epoch + 1, config.epochs + 1):
         # ---- train one epoch on this worker's share of the frames drawn for this epoch
         model.train()
@@ -305,7 +318,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         sums = np.zeros(3)  # total, regression, partition losses, weighted by batch size
         samples = 0
         for step, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=config.batch_size, local_shuffle_buffer_size=4 * config.batch_size,
+                batch_size=config.batch_size, local_shuffle_buffer_size=shuffle_rows,
                 drop_last=True,  # a 1-frame last batch breaks BatchNorm in train mode
                 dtypes={"image": torch.uint8, "label": torch.float32})):
             x = to_model_input(batch["image"].to(device, non_blocking=True))
@@ -487,7 +500,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
         datasets={"train": train_dataset(shardset, config.frames_per_video, config.model.input_size,
-                                         num_cpus=data_cpus)},
+                                         augmentation=config.augmentation, num_cpus=data_cpus)},
         # dev/test never go through Ray's split (equal=True may drop rows): workers evaluate disjoint videos.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )

@@ -43,11 +43,16 @@ def _demo_data(workdir: Path, config: DemoDataConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="data/demo", help="where demo videos and shards go")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
+    parser.add_argument("--frames-per-video", type=int, default=32, help="training frames drawn per video per epoch")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per batch per worker")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="learning rate of every block (no pretrained backbone ships, so the trunk learns "
+                             "from scratch as fast as the rest)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--input-size", type=int, default=112, help="model input size (112 keeps CPU training short)")
     parser.add_argument("--sample-fps", type=float, default=5.0, help="frames per second kept by preprocessing")
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of each demo video")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each demo video")
     parser.add_argument("--model-name", default="hmhn-demo", help="registered model name")
     parser.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     args = parser.parse_args(argv)
@@ -63,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     videos = _demo_data(workdir, DemoDataConfig(seconds=args.seconds))
 
     _step("2/3 preprocess: decode -> MTCNN faces -> aligned crops -> parquet shards (Ray Data)")
-    resources = init_ray()
-    print(f"Ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs")
+    init_ray()
     summary = run_preprocess(PreprocessConfig(dataset="avec2014", input=str(videos), output=str(workdir / "faces"),
                                               sampling=SamplingConfig(mode="fps", fps=args.sample_fps),
                                               progress_every_s=15))
 
     _step("3/3 train + register: HMHN with Ray Train (DDP on CPU workers), tracked in MLflow")
     config = TrainConfig(data=summary["shard_set"], workers=args.workers, epochs=args.epochs,
+                         frames_per_video=args.frames_per_video, batch_size=args.batch_size,
+                         lr=args.lr, head_lr=args.lr, lr_decay=0.9,
                          run_name=time.strftime("demo-%Y%m%d-%H%M%S"), mlflow_uri=args.mlflow_uri,
                          experiment="hmhn-demo", model_name=args.model_name,
                          storage_path=str(workdir / "ray_results"),

@@ -35,9 +35,9 @@ PATCH_SIZE = 256  # side of the square face patch cut from each photo (face ~45%
 class DemoDataConfig:
     output: str = field(default="data/demo", metadata={"help": "folder to write the data set into"})
     subjects: int = field(default=8, metadata={"help": "number of subjects (real face photos), at most 8"})
-    videos_per_subject: int = field(default=3, metadata={"help": "videos per subject, each its own session and label"})
+    videos_per_subject: int = field(default=4, metadata={"help": "videos per subject, each its own session and label"})
     seed: int = field(default=0, metadata={"help": "random seed; same seed -> same data set"})
-    seconds: float = field(default=6.0, metadata={"help": "length of each video in seconds (5..20)"})
+    seconds: float = field(default=5.0, metadata={"help": "length of each video in seconds (5..20)"})
     fps: int = field(default=30, metadata={"help": "frame rate"})
     width: int = field(default=640, metadata={"help": "frame width"})
     height: int = field(default=480, metadata={"help": "frame height"})
@@ -218,17 +218,22 @@ def _hidden_intervals(n_frames: int, fraction: float, rng: np.random.Generator) 
 
 
 def render_video_frames(subject: SubjectFace, label: float, config: DemoDataConfig,
-                        rng: np.random.Generator) -> Iterator[np.ndarray]:
+                        rng: np.random.Generator, room_seed: int = 0) -> Iterator[np.ndarray]:
     """RGB frames of one interview-like clip. The face patch is rendered once per video (the label
-    is a property of the recording) and then moved, re-lit, noised and sometimes hidden."""
+    is a property of the recording) and then moved, re-lit, noised and sometimes hidden.
+
+    The room (background, occluding hand) depends on `room_seed` only - one per subject, as a
+    subject is recorded in the same room every session: otherwise a model could tell a video's
+    label from its wallpaper instead of from the face."""
     face = render_label(subject, label, rng).astype(np.float32)
     size = config.face_size
     face = cv2.resize(face, (size, size), interpolation=cv2.INTER_CUBIC)
     alpha = _soft_mask(size)
-    bg = _background(rng, config.width, config.height)
+    room = np.random.default_rng(room_seed)
+    bg = _background(room, config.width, config.height)
     n_frames = int(round(config.seconds * config.fps))
     hidden = _hidden_intervals(n_frames, config.hidden_fraction, rng)
-    occluder_colour = rng.integers(90, 200, size=3).astype(np.float32)
+    occluder_colour = room.integers(90, 200, size=3).astype(np.float32)
     phases = rng.uniform(0, 2 * np.pi, size=6)
     periods = rng.uniform(2.0, 6.0, size=6)
     noise_bank = [rng.normal(0, 3.0, size=(config.height, config.width, 3)).astype(np.float32) for _ in range(4)]
@@ -316,7 +321,8 @@ def make_demo_dataset(config: DemoDataConfig, progress: bool = True) -> dict:
         rng = np.random.default_rng([config.seed, k])
         path = root / video.relpath
         tic = time.time()
-        write_mp4(path, render_video_frames(subject, video.label, config, rng), fps=config.fps,
+        room_seed = config.seed * 1000 + int(video.subject_id)
+        write_mp4(path, render_video_frames(subject, video.label, config, rng, room_seed), fps=config.fps,
                   audio_seconds=0.0)
         label_dir = root / SPLIT_FOLDERS[video.split] / "DepressionLabels"
         label_dir.mkdir(parents=True, exist_ok=True)

@@ -302,7 +302,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     import ray
 
     from pipeline.manifest import load_manifest
-    from pipeline.ray_utils import alive_node_count, init_ray
+    from pipeline.ray_utils import alive_node_count, describe_connection, init_ray
     from pipeline.storage import require_shared_storage
 
     started = time.time()
@@ -314,6 +314,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     version = preprocess_version(config)
     out_uri = shard_set_path(config)
     init_ray()
+    printer(f"[preprocess] Ray: {describe_connection()}")
     nodes = alive_node_count()
     require_shared_storage(config.output, "--output", node_count=nodes)
     # Videos are decoded on whichever node runs the task: local inputs must be visible everywhere too.

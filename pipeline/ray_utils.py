@@ -9,6 +9,7 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
+_connection = "not connected"
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
@@ -18,16 +19,19 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
     """
     import ray
 
+    global _connection
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            log.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=not quiet or True)
+            _connection = f"connected to the Ray cluster at {address}"
+            ray.init(address=address)
         else:
             cpus = num_cpus or os.cpu_count() or 1
-            log.info("starting a local Ray instance with %d CPUs", cpus)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+            _connection = f"started a local Ray instance with {cpus} CPUs"
+            # The dashboard stays on (loopback only): Ray Train's placement-group cleaner polls the
+            # state API it serves, and floods the log without it.
+            ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1",
                      log_to_driver=True, configure_logging=True,
                      logging_level=logging.WARNING if quiet else logging.INFO)
     if quiet:
@@ -35,6 +39,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
 
         DataContext.get_current().enable_operator_progress_bars = False
     return ray.cluster_resources()
+
+
+def describe_connection() -> str:
+    """One line for progress output: which Ray this process uses and how big it is."""
+    import ray
+
+    res = ray.cluster_resources()
+    return (f"{_connection}: {alive_node_count()} node(s), {res.get('CPU', 0):g} CPUs, "
+            f"{res.get('GPU', 0):g} GPUs")
 
 
 def cluster_cpus() -> float:

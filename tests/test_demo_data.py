@@ -38,7 +38,7 @@ def test_plan_is_deterministic_and_split_by_subject():
     plan_a, plan_b = plan_dataset(config, names), plan_dataset(config, names)
     assert plan_a == plan_b
     assert plan_dataset(DemoDataConfig(seed=8), names) != plan_a
-    assert len(plan_a) == 8 * 3
+    assert len(plan_a) == 8 * config.videos_per_subject
     split_of = {}
     for v in plan_a:
         assert split_of.setdefault(v.subject_id, v.split) == v.split, "a subject is in two splits"

@@ -37,7 +37,7 @@ def test_submitted_preprocess_job_writes_shards(head, tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert "Job 'raysubmit_" in text and "succeeded" in text, text[-2000:]  # it went through the job server
-    assert "starting a local Ray" not in text  # ... and used that cluster, not a private one
+    assert "connected to the Ray cluster at" in text  # ... and used that cluster, not a private one
     shard_set = Path(re.findall(r"^shard_set: (.+)$", out.stdout, re.M)[-1].strip())
     table = pds.dataset(shard_set / "shards", format="parquet").to_table()
     status = pq.read_table(shard_set / "status.parquet").to_pylist()

@@ -95,7 +95,7 @@ def test_train_frames_fixed_per_video_and_redrawn(shard_root):
     video = shardset.split("train")[0]
     batch = {"video_id": np.array([video.video_id]), "label": np.array([video.label]),
              "files": [list(video.files)], "frame_indices": [list(video.frame_indices)]}
-    draws = [sample_train_frames(batch, shard_root, 3, SIZE, augment_frames=False) for _ in range(12)]
+    draws = [sample_train_frames(batch, shard_root, 3, SIZE, augmentation="none") for _ in range(12)]
     assert all(d["image"].shape == (3, SIZE, SIZE, 3) and d["image"].dtype == np.uint8 for d in draws)
     assert all(np.allclose(d["label"], video.label) for d in draws)
     assert len({d["image"].tobytes() for d in draws}) > 1  # re-drawn: not the same frames every epoch
