@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--frames-per-video", type=int, default=32, help="training frames drawn per video per epoch")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per batch per worker")
+    parser.add_argument("--augmentation", default="flip", choices=("full", "flip", "none"),
+                        help="training augmentation (random erasing can hide the drawn label in the few "
+                             "frames of a demo video; on real data use full)")
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="learning rate of every block (no pretrained backbone ships, so the trunk learns "
                              "from scratch as fast as the rest)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     _step("3/3 train + register: HMHN with Ray Train (DDP on CPU workers), tracked in MLflow")
     config = TrainConfig(data=summary["shard_set"], workers=args.workers, epochs=args.epochs,
                          frames_per_video=args.frames_per_video, batch_size=args.batch_size,
-                         lr=args.lr, head_lr=args.lr, lr_decay=0.9,
+                         lr=args.lr, head_lr=args.lr, lr_decay=0.9, augmentation=args.augmentation,
                          run_name=time.strftime("demo-%Y%m%d-%H%M%S"), mlflow_uri=args.mlflow_uri,
                          experiment="hmhn-demo", model_name=args.model_name,
                          storage_path=str(workdir / "ray_results"),
