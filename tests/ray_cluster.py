@@ -49,7 +49,16 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dash_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], attempts: int = 3) -> None:
+        """`ray start` one node. Ray gives a new raylet a fixed 30 s to register with the GCS; on
+        a loaded 2-core machine that can pass, and the command exits: then try again."""
+        for attempt in range(attempts):
+            if self._start_once(name, args):
+                return
+        raise RuntimeError(f"`ray start` ({name}) did not come up in {attempts} attempts:\n"
+                           f"{self.log(name)[-4000:]}")
+
+    def _start_once(self, name: str, args: list[str]) -> bool:
         log = open(Path(self.temp_dir) / f"{name}.log", "w")
         # Fixed default ports (the dashboard agent's 52365, metrics) collide with any other Ray on
         # the machine, e.g. a parallel test session: every node gets free ones.
@@ -62,11 +71,19 @@ class LocalRayCluster:
         while time.time() < deadline:
             text = (Path(self.temp_dir) / f"{name}.log").read_text()
             if "Ray runtime started" in text:
-                return
+                return True
             if proc.poll() is not None:
                 break
             time.sleep(0.5)
-        raise RuntimeError(f"`ray start` ({name}) did not come up:\n{self.log(name)[-4000:]}")
+        # Leave nothing of the failed attempt (a late raylet would join as an extra node).
+        for pid in self._session_pids({proc.pid}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        self.procs.remove(proc)
+        return False
 
     def log(self, name: str) -> str:
         return (Path(self.temp_dir) / f"{name}.log").read_text()
@@ -90,10 +107,10 @@ class LocalRayCluster:
             time.sleep(1)
         raise RuntimeError("the second node never joined")
 
-    def _session_pids(self) -> list[int]:
+    def _session_pids(self, sids: set[int] | None = None) -> list[int]:
         """Every live process in the sessions of our `ray start` processes (a Ray worker may
         move to its own process group, but it keeps the session)."""
-        sids = {p.pid for p in self.procs}
+        sids = sids if sids is not None else {p.pid for p in self.procs}
         out = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
