@@ -65,9 +65,31 @@ def measure_components(rows: list[dict]) -> dict:
             "decode_fps": 1 / t_decode, "detect_fps": 1 / t_detect}
 
 
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants (Ray's raylet, workers, actors), from /proc."""
+    parent, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields["PPid"])
+        rss[int(entry)] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(rss.get(pid, 0) for pid in tree)
+
+
 def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int) -> dict:
     """Child process: the real pipeline on a fresh local Ray with `cpus` CPUs; peak tree RSS."""
-    import psutil
     import pyarrow as pa
 
     from pipeline.preprocess import run_preprocess
@@ -75,6 +97,9 @@ def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int) -> dict:
     from pipeline.schema import MANIFEST_SCHEMA
 
     os.environ.pop("RAY_ADDRESS", None)
+    # Pin this process (and so Ray's processes, which inherit it) to `cpus` physical cores: a
+    # "1-CPU" Ray on a 2-core machine would otherwise still run decode and detect side by side.
+    os.sched_setaffinity(0, set(range(cpus)))
     init_ray(num_cpus=cpus)
     rows = _manifest_rows(demo_dir, n_videos)
     for i, r in enumerate(rows):  # repeated videos need unique ids
@@ -83,15 +108,8 @@ def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int) -> dict:
     stop = threading.Event()
 
     def sample():
-        me = psutil.Process()
         while not stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
+            peak[0] = max(peak[0], tree_rss_bytes(os.getpid()))
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)

@@ -127,8 +127,11 @@ class FaceCropWriter:
 
     def __init__(self, detector: DetectorConfig, align: AlignConfig, shard_root: str, version: str,
                  jpeg_quality: int):
+        import cv2
+
         from pipeline.detect import make_detector
 
+        cv2.setNumThreads(1)  # parallelism comes from the actor pool; OpenCV's own threads oversubscribe
         self.detector = make_detector(detector)
         self.detector_config = detector
         self.align = align
