@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from pipeline.schema import LABEL_MAX, LABEL_MIN, MANIFEST_SCHEMA, SPLITS
+from pipeline.storage import resolve_filesystem
 
 __all__ = [
     "ManifestError",
@@ -134,7 +135,7 @@ def write_manifest_csv(table: pa.Table, path: str) -> None:
         label = row.get("label")
         row["label"] = "" if label is None else (str(int(label)) if float(label).is_integer() else repr(label))
         writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in columns})
-    filesystem, fs_path = _filesystem(path)
+    filesystem, fs_path = resolve_filesystem(path)
     parent = posixpath.dirname(fs_path)
     if parent:
         filesystem.create_dir(parent, recursive=True)
@@ -228,15 +229,6 @@ def _to_table(rows: list[dict]) -> pa.Table:
 # Filesystems
 # --------------------------------------------------------------------------------------------
 
-def _filesystem(uri: str):
-    """(pyarrow filesystem, path) for a local path or filesystem URI."""
-    import pyarrow.fs as pafs
-
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
 def _uri_for(source: str, fs_path: str) -> str:
     """Turn a path inside the source's filesystem back into a URI the decoder accepts."""
     if "://" not in source or source.startswith("file://"):
@@ -277,7 +269,7 @@ def _rows_from_avec(source: str, parse_video) -> tuple[list[dict], list[str]]:
     import pyarrow.fs as pafs
 
     try:
-        filesystem, root = _filesystem(source)
+        filesystem, root = resolve_filesystem(source)
         root_info = filesystem.get_file_info(root)
     except Exception as err:
         raise ManifestError(f"cannot open dataset root {source}: {err}") from err
@@ -344,7 +336,7 @@ def _parse_label_file(filesystem, fs_path: str) -> tuple[float | None, str | Non
 
 def _rows_from_csv(source: str) -> tuple[list[dict], list[str]]:
     try:
-        filesystem, fs_path = _filesystem(source)
+        filesystem, fs_path = resolve_filesystem(source)
         text = _read_text(filesystem, fs_path)
     except FileNotFoundError as err:
         raise ManifestError(f"manifest CSV not found: {source}") from err
