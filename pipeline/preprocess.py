@@ -133,7 +133,6 @@ class FaceCropWriter:
 
         cv2.setNumThreads(1)  # parallelism comes from the actor pool; OpenCV's own threads oversubscribe
         self.detector = make_detector(detector)
-        self.detector_config = detector
         self.align = align
         self.version = version
         self.jpeg_quality = jpeg_quality
@@ -169,8 +168,7 @@ class FaceCropWriter:
                     "frames_decoded": len(frames), "faces_kept": 0, "multi_face_frames": 0}
         columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         multi = 0
-        for frame, idx, ts, faces in zip(frames, indices, stamps, detections):
-            faces = [f for f in faces if f.score >= self.detector_config.score_threshold]
+        for frame, idx, ts, faces in zip(frames, indices, stamps, detections):  # faces >= score_threshold
             multi += len(faces) > 1
             face = pick_face(faces, frame.shape[:2], self.align.face_selection)
             if face is None:

@@ -121,6 +121,17 @@ class LocalRayCluster:
                     pass
         return out
 
+    def __enter__(self) -> "LocalRayCluster":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         for proc in self.procs:
             try:

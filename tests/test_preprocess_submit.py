@@ -18,12 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def head():
-    cluster = LocalRayCluster(two_nodes=False)
-    try:
-        cluster.start()
+    with LocalRayCluster(two_nodes=False) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_submitted_preprocess_job_writes_shards(head, tmp_path):

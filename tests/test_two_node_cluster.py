@@ -23,12 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LocalRayCluster(two_nodes=True)
-    try:
-        c.start()
+    with LocalRayCluster(two_nodes=True) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
