@@ -1,7 +1,8 @@
-"""The Ray Data graph: manifest -> decoded frame chunks -> detected, aligned face crops -> shards.
+"""The Ray Data graph: manifest -> (decode, detect, align, JPEG) per chunk of frames -> shards.
 
-    videos (one block each) --flat_map(decode_video_chunks, tasks)--> frame chunks
-        --map_batches(FaceCropWriter, actor pool)--> one parquet file per chunk + a small receipt
+    videos (one block each) --map_batches(VideoFaceCropper, actor pool: decode inside)--> or
+    videos --flat_map(decode_video_chunks, tasks)--> --map_batches(ChunkFaceCropper, actor pool)-->
+        per chunk of frames: one parquet file + a small receipt
         --driver--> per-video status file once all of a video's chunks are in
 
 Exactly-once without a database: a video counts as done only when its status file
@@ -27,6 +28,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -36,14 +38,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.align import AlignConfig, align_face, pick_face
-from pipeline.decode import SamplingConfig, VideoDecodeError, iter_frame_chunks
+from pipeline.decode import FrameChunk, SamplingConfig, VideoDecodeError, iter_frame_chunks
 from pipeline.detect import DetectorConfig
+from pipeline.jpeg import encode_jpeg
 from pipeline.schema import (SHARD_SCHEMA, STATUS_FAILED, STATUS_NO_FACE, STATUS_OK, STATUS_SCHEMA)
 from pipeline.storage import resolve_filesystem
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("avec2013", "avec2014", "csv")
+DECODE_IN = ("auto", "actor", "tasks")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class PreprocessConfig:
     jpeg_quality: int = field(default=92, metadata={"help": "JPEG quality of the stored face crops"})
     num_detect_actors: int = field(default=0, metadata={"help": "detector actors (0 = sized from the cluster)"})
     gpu_per_actor: float = field(default=0.25, metadata={"help": "GPU fraction per detector actor when --detector-use-gpu"})
+    decode_in: str = field(default="auto", metadata={
+        "help": "where videos are decoded: 'actor' = inside the detector actors (no raw frames through the object "
+                "store; auto on CPU), 'tasks' = separate CPU tasks feeding them (decoding scales with all the "
+                "cluster's CPUs while GPUs detect; auto with --detector-use-gpu)", "choices": DECODE_IN})
     limit: int = field(default=0, metadata={"help": "process only the first N videos of the manifest (0 = all)"})
     progress_every_s: float = field(default=10.0, metadata={"help": "seconds between progress lines"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -69,6 +77,8 @@ class PreprocessConfig:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
         if self.num_detect_actors < 0 or self.limit < 0:
             raise ValueError("num_detect_actors and limit must be >= 0")
+        if self.decode_in not in DECODE_IN:
+            raise ValueError(f"decode_in must be one of {DECODE_IN}, got {self.decode_in!r}")
         if not 0 < self.gpu_per_actor <= 1:
             raise ValueError(f"gpu_per_actor must be in (0, 1], got {self.gpu_per_actor}")
 
@@ -91,39 +101,57 @@ def shard_set_path(config: PreprocessConfig) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1 (Ray tasks): decode one video into chunks of sampled frames
+# Two graphs, one per place decoding runs (PreprocessConfig.decode_in, "auto" picks by device):
+#
+#   "actor" (auto on CPU): videos --map_batches(VideoFaceCropper, actor pool)--> receipts
+#       Each actor decodes a video chunk by chunk and detects in the same process. A 32-frame
+#       chunk of 640x480 RGB is ~30 MB and its face crops ~0.5 MB: a separate decode stage would
+#       push every raw frame through the object store. Measured 1.6-1.8x faster on 1-2 CPUs
+#       (docs/PREPROCESSING.md).
+#   "tasks" (auto on GPU): videos --flat_map(decode_video_chunks, CPU tasks)--> frame chunks
+#       --map_batches(ChunkFaceCropper, GPU actor pool)--> receipts
+#       Decoding scales with every CPU of the cluster (CPU-only nodes too) while the GPUs only
+#       detect; the object-store traffic is the price.
+#
+# Both write one shard file per chunk and emit one small receipt per chunk.
 
 _VIDEO_META = ("video_id", "subject_id", "split", "task", "label")
+_RECEIPT_COLUMNS = (*_VIDEO_META, "chunk_index", "is_last", "error", "frames_decoded", "faces_kept",
+                    "multi_face_frames")
+
+
+def _decode_guarded(uri: str, sampling: SamplingConfig) -> Iterator[tuple[FrameChunk | None, str]]:
+    """(chunk, "") per chunk, then on failure one (None, reason): decoding errors become data,
+    never exceptions, because one bad video must not stop the run."""
+    chunks = iter_frame_chunks(uri, sampling)
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except VideoDecodeError as exc:
+            yield None, str(exc)
+            return
+        except Exception as exc:  # a decoder bug must not stop the run either; keep the type for triage
+            yield None, f"unexpected decoder error ({type(exc).__name__}): {exc}"
+            return
+        yield chunk, ""
 
 
 def decode_video_chunks(row: dict[str, Any], sampling: SamplingConfig) -> Iterator[dict[str, Any]]:
-    """Chunk rows for one video. Errors become a final row with `error` set, never an exception:
-    one bad video must not stop the run."""
+    """Ray task of the "tasks" graph: one row per chunk of decoded frames (raw RGB bytes)."""
     meta = {k: row.get(k) for k in _VIDEO_META}
-    chunk_index = 0
-    try:
-        for chunk in iter_frame_chunks(row["uri"], sampling):
-            frames = np.ascontiguousarray(chunk.frames, dtype=np.uint8)
-            yield {**meta, "chunk_index": chunk_index, "is_last": bool(chunk.is_last), "error": "",
-                   "frames": frames.tobytes(), "frames_shape": list(frames.shape),
-                   "frame_index": chunk.indices.astype(np.int64).tolist(),
-                   "timestamp_s": chunk.timestamps_s.astype(np.float64).tolist()}
-            chunk_index += 1
-        return
-    except VideoDecodeError as exc:
-        error = str(exc)
-    except Exception as exc:  # a decoder bug must not stop the run either; keep the type for triage
-        error = f"unexpected decoder error ({type(exc).__name__}): {exc}"
-    yield {**meta, "chunk_index": chunk_index, "is_last": True, "error": error,
-           "frames": b"", "frames_shape": [0, 0, 0, 3], "frame_index": [], "timestamp_s": []}
+    for chunk_index, (chunk, error) in enumerate(_decode_guarded(str(row["uri"]), sampling)):
+        frames = np.zeros((0, 0, 0, 3), np.uint8) if chunk is None else np.ascontiguousarray(chunk.frames, np.uint8)
+        yield {**meta, "chunk_index": chunk_index, "is_last": chunk is None or bool(chunk.is_last), "error": error,
+               "frames": frames.tobytes(), "frames_shape": list(frames.shape),
+               "frame_index": [] if chunk is None else chunk.indices.astype(np.int64).tolist(),
+               "timestamp_s": [] if chunk is None else chunk.timestamps_s.astype(np.float64).tolist()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 2 (Ray actors): detect, pick one face, align, JPEG-encode, write the chunk's shard file
-
-
-class FaceCropWriter:
-    """Actor: holds one detector (ONNX sessions are built once per actor, not per batch)."""
+class FaceCropper:
+    """Actor base: detect, pick one face, align, JPEG-encode, write one shard file per chunk.
+    ONNX sessions are built once per actor."""
 
     def __init__(self, detector: DetectorConfig, align: AlignConfig, shard_root: str, version: str,
                  jpeg_quality: int):
@@ -138,54 +166,47 @@ class FaceCropWriter:
         self.jpeg_quality = jpeg_quality
         self.fs, self.shard_root = resolve_filesystem(shard_root)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        receipts: dict[str, list] = {k: [] for k in (*_VIDEO_META, "chunk_index", "is_last", "error",
-                                                      "frames_decoded", "faces_kept", "multi_face_frames")}
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
+        # A generator: each chunk's receipt reaches the driver as soon as its file is written,
+        # so progress and per-video commit markers do not wait for the end of a long video.
         for i in range(len(batch["video_id"])):
             row = {k: batch[k][i] for k in batch}
             row.update({k: _clean_meta(k, row.get(k)) for k in _VIDEO_META})
-            try:
-                result = self._process_chunk(row)
-            except Exception as exc:  # record it against the video; never lose the whole block
-                result = {"error": f"face crop stage failed ({type(exc).__name__}): {exc}",
-                          "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
-            for k in receipts:
-                receipts[k].append(result[k] if k in result else row[k])
-        return receipts
+            for receipt in self.receipts(row):
+                yield {k: [receipt[k]] for k in _RECEIPT_COLUMNS}
 
-    def _process_chunk(self, row: dict[str, Any]) -> dict[str, Any]:
-        from hmhn.image import encode_jpeg
+    def receipts(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
 
-        if row["error"]:
-            return {"frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
-        shape = tuple(int(v) for v in row["frames_shape"])
-        frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(shape)
-        indices, stamps = list(row["frame_index"]), list(row["timestamp_s"])
+    def crop_chunk(self, meta: dict[str, Any], frames: np.ndarray, indices, stamps, chunk_index: int,
+                   is_last: bool) -> dict[str, Any]:
+        """The chunk's receipt. A failure here (e.g. onnxruntime on a degenerate frame) is recorded
+        against the video, and the run goes on."""
+        receipt = {**meta, "chunk_index": chunk_index, "is_last": is_last, "error": "",
+                   "frames_decoded": len(frames), "faces_kept": 0, "multi_face_frames": 0}
         try:
-            detections = self.detector.detect_batch(list(frames))
-        except Exception as exc:  # e.g. onnxruntime failing on a degenerate frame
-            return {"error": f"face detection failed ({type(exc).__name__}): {exc}",
-                    "frames_decoded": len(frames), "faces_kept": 0, "multi_face_frames": 0}
-        columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-        multi = 0
-        for frame, idx, ts, faces in zip(frames, indices, stamps, detections):  # faces >= score_threshold
-            multi += len(faces) > 1
-            face = pick_face(faces, frame.shape[:2], self.align.face_selection)
-            if face is None:
-                continue
-            crop = align_face(frame, face.landmarks, self.align)
-            for name, value in (
-                ("video_id", row["video_id"]), ("subject_id", row["subject_id"]), ("split", row["split"]),
-                ("task", row["task"]), ("label", row["label"]),
-                ("frame_index", int(idx)), ("timestamp_s", float(ts)), ("det_score", float(face.score)),
-                ("bbox", [float(v) for v in face.bbox]), ("landmarks", [float(v) for v in np.asarray(face.landmarks).reshape(-1)]),
-                ("image", encode_jpeg(crop, self.jpeg_quality)), ("preprocess_version", self.version),
-            ):
-                columns[name].append(value)
-        kept = len(columns["frame_index"])
-        if kept:
-            self._write_atomically(pa.table(columns, schema=SHARD_SCHEMA), row["video_id"], int(row["chunk_index"]))
-        return {"frames_decoded": len(frames), "faces_kept": kept, "multi_face_frames": multi}
+            detections = self.detector.detect_batch(list(frames))  # faces >= score_threshold
+            columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+            for frame, idx, ts, faces in zip(frames, indices, stamps, detections):
+                receipt["multi_face_frames"] += len(faces) > 1
+                face = pick_face(faces, frame.shape[:2], self.align.face_selection)
+                if face is None:
+                    continue
+                crop = align_face(frame, face.landmarks, self.align)
+                for name, value in (
+                    *meta.items(),
+                    ("frame_index", int(idx)), ("timestamp_s", float(ts)), ("det_score", float(face.score)),
+                    ("bbox", [float(v) for v in face.bbox]),
+                    ("landmarks", [float(v) for v in np.asarray(face.landmarks).reshape(-1)]),
+                    ("image", encode_jpeg(crop, self.jpeg_quality)), ("preprocess_version", self.version),
+                ):
+                    columns[name].append(value)
+            if columns["frame_index"]:
+                self._write_atomically(pa.table(columns, schema=SHARD_SCHEMA), meta["video_id"], chunk_index)
+            receipt["faces_kept"] = len(columns["frame_index"])
+        except Exception as exc:
+            receipt["error"] = f"face crop stage failed ({type(exc).__name__}): {exc}"
+        return receipt
 
     def _write_atomically(self, table: pa.Table, video_id: str, chunk_index: int) -> None:
         folder = f"{self.shard_root}/{video_id}"
@@ -195,6 +216,39 @@ class FaceCropWriter:
         with self.fs.open_output_stream(tmp) as sink:
             pq.write_table(table, sink, compression="zstd")
         self.fs.move(tmp, final)
+
+
+class VideoFaceCropper(FaceCropper):
+    """Actor of the "actor" graph: takes manifest rows, decodes each video itself."""
+
+    def __init__(self, sampling: SamplingConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sampling = sampling
+
+    def receipts(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        meta = {k: row[k] for k in _VIDEO_META}
+        for chunk_index, (chunk, error) in enumerate(_decode_guarded(str(row["uri"]), self.sampling)):
+            if chunk is None:
+                yield {**meta, "chunk_index": chunk_index, "is_last": True, "error": error,
+                       "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
+            else:
+                yield self.crop_chunk(meta, chunk.frames, chunk.indices, chunk.timestamps_s, chunk_index,
+                                      bool(chunk.is_last))
+
+
+class ChunkFaceCropper(FaceCropper):
+    """Actor of the "tasks" graph: takes the chunk rows of decode_video_chunks."""
+
+    def receipts(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        meta = {k: row[k] for k in _VIDEO_META}
+        shape = tuple(int(v) for v in row["frames_shape"])
+        frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(shape)
+        if row["error"]:
+            yield {**meta, "chunk_index": int(row["chunk_index"]), "is_last": True, "error": str(row["error"]),
+                   "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
+        else:
+            yield self.crop_chunk(meta, frames, list(row["frame_index"]), list(row["timestamp_s"]),
+                                  int(row["chunk_index"]), bool(row["is_last"]))
 
 
 def _clean_meta(key: str, value: Any) -> Any:
@@ -220,18 +274,41 @@ def _isnan(value: Any) -> bool:
 
 @dataclass
 class _VideoProgress:
+    """Receipts of one video, keyed by chunk index: a retried video re-sends receipts for chunks
+    it had already written (same file names, overwritten), and they must count once."""
     row: dict[str, Any]
     started: float = field(default_factory=time.time)
-    chunks_seen: int = 0
+    chunks: dict[int, dict[str, Any]] = field(default_factory=dict)
     total_chunks: int | None = None
-    frames_decoded: int = 0
-    faces_kept: int = 0
-    multi_face_frames: int = 0
-    errors: list[str] = field(default_factory=list)
+
+    def add(self, receipt: dict[str, Any]) -> None:
+        index = int(receipt["chunk_index"])
+        self.chunks[index] = receipt
+        if receipt["is_last"]:
+            self.total_chunks = index + 1
+
+    def _sum(self, key: str) -> int:
+        return sum(int(r[key]) for r in self.chunks.values())
+
+    @property
+    def frames_decoded(self) -> int:
+        return self._sum("frames_decoded")
+
+    @property
+    def faces_kept(self) -> int:
+        return self._sum("faces_kept")
+
+    @property
+    def multi_face_frames(self) -> int:
+        return self._sum("multi_face_frames")
+
+    @property
+    def errors(self) -> list[str]:
+        return [str(self.chunks[i]["error"]) for i in sorted(self.chunks) if self.chunks[i]["error"]]
 
     @property
     def complete(self) -> bool:
-        return self.total_chunks is not None and self.chunks_seen == self.total_chunks
+        return self.total_chunks is not None and len(self.chunks) == self.total_chunks
 
 
 def _status_row(p: _VideoProgress, crashed: bool = False) -> dict[str, Any]:
@@ -254,23 +331,27 @@ def _status_row(p: _VideoProgress, crashed: bool = False) -> dict[str, Any]:
             "seconds": round(time.time() - p.started, 3)}
 
 
-def _size_actor_pool(config: PreprocessConfig) -> dict[str, Any]:
-    """Detection dominates the cost (~50 ms/frame vs ~1-2 ms to decode), so most CPUs go to
-    detector actors; decode tasks get a small slice so they are never starved (the 2-core
-    deadlock of ENVIRONMENT.md)."""
+def _plan_stages(config: PreprocessConfig) -> dict[str, Any]:
+    """Which graph, how many detector actors, and what each stage reserves.
+
+    On 2 cores whole-CPU actors starve any stage feeding them (the deadlock of ENVIRONMENT.md),
+    so with decode tasks the actors reserve fractions that leave room for them."""
     from pipeline.ray_utils import cluster_cpus, cluster_gpus
 
     cpus, gpus = cluster_cpus(), cluster_gpus()
     on_gpu = config.detector.use_gpu and gpus > 0
     if config.detector.use_gpu and not on_gpu:
         log.warning("--detector-use-gpu was given but the cluster has no GPU: detecting on CPU")
+    decode_in = config.decode_in if config.decode_in != "auto" else ("tasks" if on_gpu else "actor")
     if on_gpu:
         size = config.num_detect_actors or max(1, int(gpus / config.gpu_per_actor))
-        return {"size": size, "num_cpus": 1.0 if cpus >= 2 * size else 0.5, "num_gpus": config.gpu_per_actor,
-                "decode_cpus": 0.5, "on_gpu": True}
+        actor_cpus = min(1.0, cpus / size) if decode_in == "actor" else (1.0 if cpus >= 2 * size else 0.5)
+        return {"decode_in": decode_in, "size": size, "num_cpus": round(actor_cpus, 3),
+                "num_gpus": config.gpu_per_actor, "decode_cpus": 0.5}
     size = config.num_detect_actors or max(1, int(cpus))
-    return {"size": size, "num_cpus": round(min(1.0, 0.75 * cpus / size), 3), "num_gpus": 0.0,
-            "decode_cpus": 0.25, "on_gpu": False}
+    share = 1.0 if decode_in == "actor" else 0.75  # the rest of the CPUs for decode tasks
+    return {"decode_in": decode_in, "size": size, "num_cpus": round(min(1.0, share * cpus / size), 3),
+            "num_gpus": 0.0, "decode_cpus": 0.25}
 
 
 def _read_done(fs, status_dir: str) -> dict[str, dict]:
@@ -337,40 +418,46 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     printer(f"[preprocess] {len(rows)} videos in manifest, {len(done)} already done, {len(todo)} to process "
             f"-> {out_uri}")
 
-    pool = _size_actor_pool(config)
+    pool = _plan_stages(config)
     progress = {r["video_id"]: _VideoProgress(r) for r in todo}
     if todo:
         from ray.data import ActorPoolStrategy, DataContext
 
         ctx = DataContext.get_current()
-        # A decoder that crashes its worker process fails only that video's block; the driver
-        # then records the video as failed instead of losing the whole run.
+        # A video whose actor dies (decoder crash, OOM) fails only its block; the driver then
+        # records the video as failed instead of losing the whole run.
         ctx.max_errored_blocks = len(todo)
-        printer(f"[preprocess] detector actors: {pool['size']} x (CPU {pool['num_cpus']}, GPU {pool['num_gpus']}); "
-                f"decode tasks: CPU {pool['decode_cpus']} each")
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.flat_map(decode_video_chunks, fn_kwargs={"sampling": config.sampling},
-                         num_cpus=pool["decode_cpus"])
-        ds = ds.map_batches(
-            FaceCropWriter, batch_size=1,
-            fn_constructor_kwargs={"detector": config.detector, "align": config.align,
-                                   "shard_root": f"{out_uri}/shards", "version": version,
-                                   "jpeg_quality": config.jpeg_quality},
-            compute=ActorPoolStrategy(size=pool["size"]),
-            num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
-        )
+        crop_kwargs = {"detector": config.detector, "align": config.align, "shard_root": f"{out_uri}/shards",
+                       "version": version, "jpeg_quality": config.jpeg_quality}
+        if pool["decode_in"] == "tasks":
+            printer(f"[preprocess] decode tasks (CPU {pool['decode_cpus']} each) -> {pool['size']} detector actors "
+                    f"(CPU {pool['num_cpus']}, GPU {pool['num_gpus']})")
+            ds = ds.flat_map(decode_video_chunks, fn_kwargs={"sampling": config.sampling}, num_cpus=pool["decode_cpus"])
+            cropper = ChunkFaceCropper
+        else:
+            printer(f"[preprocess] {pool['size']} decode+detect actors (CPU {pool['num_cpus']}, GPU {pool['num_gpus']})")
+            cropper, crop_kwargs = VideoFaceCropper, {"sampling": config.sampling, **crop_kwargs}
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for max_task_retries yet; the **ray_remote_args
+            # route works but warns that it is deprecated.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(
+                cropper, batch_size=1, fn_constructor_kwargs=crop_kwargs,
+                compute=ActorPoolStrategy(size=pool["size"]),
+                num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
+                # Ray Data retries actor tasks for ever by default, so a video that kills its
+                # actor (decoder segfault, OOM) would never end. One retry covers a lost node;
+                # after that the video is recorded as failed and the run goes on.
+                max_task_retries=1,
+            )
         last_print = time.time()
         finished = 0
         for receipt in ds.iter_rows():
             p = progress[receipt["video_id"]]
-            p.chunks_seen += 1
-            p.frames_decoded += int(receipt["frames_decoded"])
-            p.faces_kept += int(receipt["faces_kept"])
-            p.multi_face_frames += int(receipt["multi_face_frames"])
-            if receipt["error"]:
-                p.errors.append(str(receipt["error"]))
-            if receipt["is_last"]:
-                p.total_chunks = int(receipt["chunk_index"]) + 1
+            if p.row["video_id"] in done:  # a late duplicate from a retried task
+                continue
+            p.add(receipt)
             if p.complete:
                 status = _status_row(p)
                 if status["status"] == STATUS_FAILED:

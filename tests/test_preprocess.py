@@ -218,3 +218,60 @@ def test_killed_run_resumes_with_every_frame_exactly_once(videos, tmp_path):
     assert set(status) == set(items) and all(s["status"] == "ok" for s in status.values())
     for vid in items:  # the shards hold exactly what the status table says was kept
         assert sum(1 for v, _ in keys if v == vid) == status[vid]["faces_kept"] > 0
+
+
+CRASH_DRIVER = """
+import json, sys
+import ray
+from pipeline.preprocess import PreprocessConfig, run_preprocess
+from pipeline.decode import SamplingConfig
+ray.init(address="local", num_cpus=2, include_dashboard=False,
+         runtime_env={"worker_process_setup_hook": "tests.crash_injection.install"})
+config = PreprocessConfig(dataset="csv", input=sys.argv[1], output=sys.argv[2], num_detect_actors=1,
+                          sampling=SamplingConfig(mode="fps", fps=5.0, chunk_frames=4))
+print(json.dumps(run_preprocess(config, printer=lambda *a: None)))
+"""
+
+
+def test_a_video_that_kills_its_worker_fails_alone(videos, tmp_path):
+    """A process death while decoding (segfault, OOM kill) fails that video only, after one retry,
+    instead of retrying for ever (Ray Data's default for actor tasks) or ending the run."""
+    from tests.crash_injection import CRASH_MARKER
+
+    root, good, _ = videos
+    crasher = tmp_path / f"{CRASH_MARKER}.mp4"
+    crasher.write_bytes(good["good0"].read_bytes())
+    items = {"before": good["good0"], "crasher": crasher, "after": good["good1"]}
+    manifest = _write_manifest(tmp_path / "m.csv", _rows(items))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # workers import the hook
+    proc = subprocess.run([sys.executable, "-c", CRASH_DRIVER, str(manifest), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ok"] == 2 and summary["failed"] == 1, summary["problems"]
+    assert "worker process died" in summary["problems"]["crasher"]
+    table = _read_shards(summary["shard_set"])
+    assert set(table.column("video_id").to_pylist()) == {"before", "after"}
+
+
+def test_decode_in_tasks_writes_the_same_shards(ray_session, videos, tmp_path):
+    """The GPU-style graph (decode tasks feeding detector actors) and the default CPU graph
+    (decode inside the actors) write identical shards: same frames, same crops, same bytes."""
+    from pipeline.preprocess import _plan_stages
+
+    root, good, _ = videos
+    manifest = _write_manifest(tmp_path / "m.csv", _rows({k: good[k] for k in ("good0", "good1")}))
+    tables = {}
+    for decode_in in ("actor", "tasks"):
+        config = PreprocessConfig(dataset="csv", input=str(manifest), output=str(tmp_path / decode_in),
+                                  sampling=FAST_SAMPLING, decode_in=decode_in)
+        plan = _plan_stages(config)
+        assert plan["decode_in"] == decode_in
+        if decode_in == "tasks":  # actors leave CPU for the decode tasks (2-core deadlock otherwise)
+            assert plan["num_cpus"] * plan["size"] + plan["decode_cpus"] <= 2
+        summary = run_preprocess(config)
+        assert summary["ok"] == 2, summary["problems"]
+        tables[decode_in] = _read_shards(summary["shard_set"]).sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
+    assert _plan_stages(PreprocessConfig(dataset="csv", input="x")) ["decode_in"] == "actor"  # auto on CPU
+    assert tables["actor"].num_rows > 0 and tables["actor"].equals(tables["tasks"])
