@@ -106,8 +106,8 @@ def shard_set_path(config: PreprocessConfig) -> str:
 #   "actor" (auto on CPU): videos --map_batches(VideoFaceCropper, actor pool)--> receipts
 #       Each actor decodes a video chunk by chunk and detects in the same process. A 32-frame
 #       chunk of 640x480 RGB is ~30 MB and its face crops ~0.5 MB: a separate decode stage would
-#       push every raw frame through the object store. Measured 1.6-1.8x faster on 1-2 CPUs
-#       (docs/PREPROCESSING.md).
+#       push every raw frame through the object store. Measured 1.15-1.3x the throughput of
+#       the "tasks" graph on 1-2 CPUs, with less memory (docs/PREPROCESSING.md).
 #   "tasks" (auto on GPU): videos --flat_map(decode_video_chunks, CPU tasks)--> frame chunks
 #       --map_batches(ChunkFaceCropper, GPU actor pool)--> receipts
 #       Decoding scales with every CPU of the cluster (CPU-only nodes too) while the GPUs only
