@@ -149,6 +149,12 @@ def decode_video_chunks(row: dict[str, Any], sampling: SamplingConfig) -> Iterat
                "timestamp_s": [] if chunk is None else chunk.timestamps_s.astype(np.float64).tolist()}
 
 
+def _failed_receipt(meta: dict[str, Any], chunk_index: int, error: str) -> dict[str, Any]:
+    """The last receipt of a video that could not be decoded (further)."""
+    return {**meta, "chunk_index": chunk_index, "is_last": True, "error": error,
+            "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
+
+
 class FaceCropper:
     """Actor base: detect, pick one face, align, JPEG-encode, write one shard file per chunk.
     ONNX sessions are built once per actor."""
@@ -229,8 +235,7 @@ class VideoFaceCropper(FaceCropper):
         meta = {k: row[k] for k in _VIDEO_META}
         for chunk_index, (chunk, error) in enumerate(_decode_guarded(str(row["uri"]), self.sampling)):
             if chunk is None:
-                yield {**meta, "chunk_index": chunk_index, "is_last": True, "error": error,
-                       "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
+                yield _failed_receipt(meta, chunk_index, error)
             else:
                 yield self.crop_chunk(meta, chunk.frames, chunk.indices, chunk.timestamps_s, chunk_index,
                                       bool(chunk.is_last))
@@ -241,12 +246,11 @@ class ChunkFaceCropper(FaceCropper):
 
     def receipts(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         meta = {k: row[k] for k in _VIDEO_META}
-        shape = tuple(int(v) for v in row["frames_shape"])
-        frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(shape)
         if row["error"]:
-            yield {**meta, "chunk_index": int(row["chunk_index"]), "is_last": True, "error": str(row["error"]),
-                   "frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
+            yield _failed_receipt(meta, int(row["chunk_index"]), str(row["error"]))
         else:
+            shape = tuple(int(v) for v in row["frames_shape"])
+            frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(shape)
             yield self.crop_chunk(meta, frames, list(row["frame_index"]), list(row["timestamp_s"]),
                                   int(row["chunk_index"]), bool(row["is_last"]))
 
