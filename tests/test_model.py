@@ -1,4 +1,4 @@
-"""HMHN blocks and model: shapes, gradients, ablation switches, backbone loading, overfitting, export.
+"""HMHN blocks and model: shapes, gradients, ablation switches, torchvision layout, overfitting, export.
 
 Kept small for 2 shared CPU cores: 64-112 px inputs and batches of 2-4; 224 px only for shapes.
 """
@@ -9,8 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from hmhn import (HMHN, HMHNConfig, HMHNOutput, HMHNScorer, LossConfig, ResNet18, export_scorer, hmhn_loss,
-                  load_backbone_checkpoint)
+from hmhn import HMHN, HMHNConfig, HMHNOutput, HMHNScorer, LossConfig, ResNet18, export_scorer, hmhn_loss
 from hmhn.feature_fusion import DeepFeatureFusion
 from hmhn.grid_attention import GridWiseAttention, merge_cells, paint_cell_weights, split_into_cells
 
@@ -261,55 +260,7 @@ def test_resnet18_has_torchvision_layout():
     assert sum(p.numel() for p in ResNet18().parameters()) == 11_689_512
 
 
-def _assert_backbone_equals(model: HMHN, state: dict[str, torch.Tensor]) -> None:
-    for key, value in model.backbone.state_dict().items():
-        assert torch.equal(value, state[key]), key
-
-
-def test_load_torchvision_state_dict(tmp_path):
-    state = _torchvision_layout_state(1)
-    path = tmp_path / "resnet18.pth"
-    torch.save(state, path)
-    model = HMHN(HMHNConfig(input_size=SMALL))
-    load_backbone_checkpoint(model, path)
-    _assert_backbone_equals(model, state)
-
-
-def test_load_dan_msceleb_checkpoint(tmp_path):
-    state = _torchvision_layout_state(2, num_classes=10)   # MS-Celeb identity classifier: fc is dropped
-    path = tmp_path / "resnet18_msceleb.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 30}, path)
-    model = HMHN(HMHNConfig(input_size=SMALL))
-    load_backbone_checkpoint(model, path)
-    _assert_backbone_equals(model, state)
-
-
-def test_load_rejects_wrong_files(tmp_path):
-    model = HMHN(HMHNConfig(input_size=SMALL))
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    with pytest.raises(FileNotFoundError):
-        load_backbone_checkpoint(model, tmp_path / "absent.pth")
-    state = _torchvision_layout_state(3)
-    cases = {
-        "missing keys: layer4.1.bn2.bias": {k: v for k, v in state.items() if k != "layer4.1.bn2.bias"},
-        "unexpected keys: layer1.2.conv1.weight": {**state, "layer1.2.conv1.weight": torch.zeros(64, 64, 3, 3)},
-        "shape mismatches: conv1.weight": {**state, "conv1.weight": torch.zeros(64, 1, 7, 7)},
-        "missing keys": {f"backbone.{k}": v for k, v in state.items()},   # a whole-HMHN state dict
-    }
-    for message, bad_state in cases.items():
-        path = tmp_path / "bad.pth"
-        torch.save(bad_state, path)
-        with pytest.raises(ValueError, match=message):
-            load_backbone_checkpoint(model, path)
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="not a loadable"):
-        load_backbone_checkpoint(model, garbage)
-    torch.save([1, 2, 3], garbage)
-    with pytest.raises(ValueError, match="expected a state dict"):
-        load_backbone_checkpoint(model, garbage)
-    for key, value in model.backbone.state_dict().items():   # failed loads leave the trunk untouched
-        assert torch.equal(value, before[key]), key
+# Loading checkpoints into the trunk (and DAN's heads into MAB): tests/test_checkpoint.py.
 
 
 # ------------------------------------------------------------------------------------------ training
