@@ -10,8 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.manifest import (ManifestError, load_manifest, manifest_from_videos,
-                               validate_manifest, write_manifest_csv)
+from pipeline.manifest import (ManifestError, format_manifest_report, is_safe_video_id, load_manifest,
+                               manifest_from_videos, manifest_report, validate_manifest,
+                               write_manifest_csv)
 from pipeline.schema import MANIFEST_SCHEMA
 
 
@@ -181,3 +182,81 @@ def test_write_manifest_csv_round_trips(tmp_path):
     write_manifest_csv(table, str(out))
     assert out.read_text().splitlines()[0] == "video_id,subject_id,split,label,uri,task"
     assert load_manifest("csv", str(out)).equals(table)
+
+
+HOSTILE_IDS = ["../../x", "a/b", ".hidden", "x" * 300, "a..b", "..", "a\\b", "a b", "a\nb", "\u00e9t\u00e9", "/abs"]
+
+
+def test_hostile_video_ids_are_refused_naming_every_row(tmp_path):
+    lines = ["video_id,subject_id,split,label,uri", "ok_1-a.b,s0,train,1,ok.mp4"]
+    lines += [f'"{vid}",s{i + 1},train,1,v{i}.mp4' for i, vid in enumerate(HOSTILE_IDS)]
+    lines.append(",s99,train,1,empty.mp4")  # empty id: its own message
+    csv_path = touch(tmp_path / "hostile.csv", "\n".join(lines) + "\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest("csv", str(csv_path))
+    problems = caught.value.problems
+    for i, vid in enumerate(HOSTILE_IDS):
+        row = f"row {i + 2} "
+        assert any(p.startswith(row) and "not a safe name" in p for p in problems), (vid, problems)
+    assert any(p.startswith(f"row {len(HOSTILE_IDS) + 2} ") and "empty video_id" in p for p in problems)
+    assert not any(p.startswith("row 1 ") for p in problems)
+    assert len(problems) == len(HOSTILE_IDS) + 1
+    assert all(len(p) < 400 for p in problems)  # "x" * 300 is shown cut short
+    # the same check on tables handed over directly
+    rows = [{"video_id": vid, "subject_id": "s", "split": "test", "label": None, "uri": "v.mp4", "task": None}
+            for vid in ["fine", *HOSTILE_IDS]]
+    with pytest.raises(ManifestError) as caught:
+        validate_manifest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    assert len(caught.value.problems) == len(HOSTILE_IDS)
+
+
+def test_safe_video_ids():
+    for vid in ["203_1_Freeform", "p01", "a-b.c", "_x", "X" * 128, "v.1.2"]:
+        assert is_safe_video_id(vid), vid
+    for vid in [*HOSTILE_IDS, "", None, "X" * 129, 12]:
+        assert not is_safe_video_id(vid), vid
+
+
+def test_manifest_from_videos_makes_file_stems_safe(tmp_path):
+    table = manifest_from_videos(["/in/Patient 01 (visit).mp4", "/in/.hidden.avi", "s3://b/ok-1.mp4"])
+    assert table.column("video_id").to_pylist() == ["Patient_01_visit_", "hidden", "ok-1"]
+    assert table.column("uri").to_pylist() == ["/in/Patient 01 (visit).mp4", "/in/.hidden.avi", "s3://b/ok-1.mp4"]
+    with pytest.raises(ManifestError, match="duplicate video_id"):
+        manifest_from_videos(["/in/a b.mp4", "/in/a_b.mp4"])
+
+
+def test_csv_split_policies(tmp_path):
+    csv_path = touch(tmp_path / "m.csv", (
+        "video_id,subject_id,split,label,uri\n"
+        "a,s1,train,10,a.mp4\n"
+        "b,s1,test,12,b.mp4\n"
+        "c,s2,dev,,c.mp4\n"))
+    with pytest.raises(ManifestError, match="subject 's1' appears in several splits"):
+        load_manifest("csv", str(csv_path))  # default for CSV: strict (as before)
+    with pytest.raises(ManifestError, match="several splits"):
+        load_manifest("csv", str(csv_path), split_policy="strict")
+    table = load_manifest("csv", str(csv_path), split_policy="official")
+    assert table.column("split").to_pylist() == ["train", "test", "dev"]
+    report = manifest_report(table)
+    assert report["recurring_subjects"] == {"count": 1, "subject_ids": ["s1"], "by_subject": {"s1": ["train", "test"]}}
+    disjoint = load_manifest("csv", str(csv_path), split_policy="subject-disjoint", split_seed=3)
+    splits = {r["video_id"]: r["split"] for r in disjoint.to_pylist()}
+    assert splits["a"] == splits["b"]
+    with pytest.raises(ManifestError, match="unknown split policy"):
+        load_manifest("csv", str(csv_path), split_policy="Official")
+
+
+def test_format_manifest_report_truncates_long_lists():
+    rows = [{"video_id": f"v{i}", "subject_id": f"s{i % 16}", "split": SPLITS_CYCLE[i % 3], "label": None,
+             "uri": f"v{i}.mp4", "task": None} for i in range(45)]
+    report = manifest_report(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    assert report["recurring_subjects"]["count"] == 16
+    assert report["recurring_subjects"]["subject_ids"][:3] == ["s0", "s1", "s2"]  # natural order: s2 before s10
+    lines = format_manifest_report(report)
+    recur = next(line for line in lines if "recur across partitions" in line)
+    assert recur.startswith("16 subject(s) recur across partitions: s0, s1, s2,") and "(+6 more)" in recur
+    missing = next(line for line in lines if "have no label" in line)
+    assert missing.startswith("45 video(s) have no label: v0, v1,") and "(+35 more)" in missing
+
+
+SPLITS_CYCLE = ("train", "dev", "test")
