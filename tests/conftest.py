@@ -98,3 +98,36 @@ def mlflow_store(tmp_path, monkeypatch):
     mlflow.set_registry_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto) on 127.0.0.1 for the session, its env set in os.environ.
+
+    Yields a tests.s3_server.S3Server: `.endpoint`, `.bucket`, `.uri(path)`, `.env`,
+    `.runtime_env`. Plain ``s3://bucket/...`` URIs then reach it through pyarrow (and boto3) in
+    this process. Ray workers started BEFORE this fixture do not see the env: use `ray_with_s3`,
+    or pass ``runtime_env=s3_server.runtime_env`` to the task. The env is restored at session end.
+    """
+    from tests.s3_server import S3Server
+
+    with S3Server() as server, server.activated():
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_with_s3(s3_server, ray_session):
+    """The session's Ray, with every worker (Ray Data, Train, plain tasks) seeing s3_server's env.
+
+    `s3_server` is set up first, so a Ray started here inherits the env. If Ray was already started
+    earlier in the session without it (workers get the driver's env at ray.init only), Ray is
+    restarted once (~5 s) the way `ray_session` starts it. Yields the `ray` module.
+    """
+    from pipeline.ray_utils import init_ray
+    from tests.s3_server import ray_workers_see
+
+    if not ray_workers_see(s3_server.env):
+        ray_session.shutdown()
+        init_ray(num_cpus=2)
+        assert ray_workers_see(s3_server.env), "Ray workers still do not see the S3 env"
+    yield ray_session
