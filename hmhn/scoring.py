@@ -1,7 +1,8 @@
 """Batch scoring: new videos -> the model's preprocessing -> frame scores (Ray Data actors) -> one row per video.
 
     videos / manifest --run_preprocess (the config stored WITH the model)--> shard set in the workdir
-        --read_parquet--> face crops --map_batches(FrameScorer, actor pool)--> frame scores
+        --its index: the videos' committed row groups (read tasks)--> face crops
+        --map_batches(FrameScorer, actor pool)--> frame scores
         --driver: hmhn.video_scores--> scores.csv (video_id, score, frames_used, score_std, severity, status, reason)
 
 Nothing here re-implements a step of training: preprocessing is pipeline.preprocess.run_preprocess
@@ -27,9 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from hmhn.metrics import AGGREGATIONS, video_scores
 from pipeline.schema import STATUS_FAILED, STATUS_NO_FACE, STATUS_OK, severity_band
@@ -189,39 +189,46 @@ def _size_inference_pool(num_actors: int) -> dict[str, Any]:
             "threads": max(1, int(cpus // size)), "use_gpu": False}
 
 
-def _shard_files(fs: pafs.FileSystem, shard_path: str, video_ids: list[str]) -> list[str]:
-    files: list[str] = []
-    for video_id in video_ids:
-        folder = f"{shard_path}/shards/{video_id}"
-        if fs.get_file_info(folder).type != pafs.FileType.Directory:
-            continue
-        files.extend(sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder))
-                            if i.is_file and i.path.endswith(".parquet") and not i.base_name.startswith(".")))
-    return files
+def read_committed_frames(batch: pa.Table, root: str) -> pa.Table:
+    """Ray Data UDF: index rows of videos in, all their committed frames (FRAME_COLUMNS) out."""
+    from pipeline.shardset import RowGroupReader, VideoEntry
+
+    reader = RowGroupReader(root)
+    try:
+        tables = [reader.read(VideoEntry.from_row(row), None, FRAME_COLUMNS) for row in batch.to_pylist()]
+    finally:
+        reader.close()
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in FRAME_COLUMNS})
 
 
 def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 64, num_actors: int = 0,
                  printer: Callable[[str], None] = print) -> pd.DataFrame:
-    """Frame scores (video_id, frame_index, timestamp_s, score) of `video_ids` in the shard set, via Ray Data."""
+    """Frame scores (video_id, frame_index, timestamp_s, score) of `video_ids` in the shard set, via Ray Data.
+
+    Only committed rows are read (through the shard set's index: file + row groups per video), so
+    rows a killed or retried preprocessing run left in a file are never scored."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipeline.ray_utils import init_ray
-    from pipeline.storage import resolve_filesystem
+    from pipeline.shardset import ShardIndex
 
-    fs, shard_path = resolve_filesystem(shard_uri)
-    files = _shard_files(fs, shard_path.rstrip("/"), video_ids)
-    if not files:
+    index = ShardIndex.load(shard_uri)
+    entries = index.select(with_frames=True)
+    entries = entries.filter(pc.is_in(entries.column("video_id"), pa.array(video_ids, pa.string())))
+    if not entries.num_rows:
         return pd.DataFrame({"video_id": pd.Series(dtype=str), "frame_index": pd.Series(dtype="int64"),
                              "timestamp_s": pd.Series(dtype="float64"), "score": pd.Series(dtype="float64")})
     init_ray()
     pool = _size_inference_pool(num_actors)
     printer(f"[predict] inference actors: {pool['size']} x (CPU {pool['num_cpus']}, GPU {pool['num_gpus']}) "
-            f"over {len(files)} shard files")
+            f"over {entries.num_rows} videos")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Read tasks ask for a quarter CPU: with the actors' share they never exceed the cluster (no starvation).
-    # select_columns is pushed down into the read: the other shard columns are never loaded.
-    ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=0.25).select_columns(FRAME_COLUMNS)
+    per_task = 8
+    ds = ray.data.from_arrow([entries.slice(i, per_task) for i in range(0, entries.num_rows, per_task)])
+    ds = ds.map_batches(read_committed_frames, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"root": shard_uri})
     ds = ds.map_batches(
         FrameScorer, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_state": state, "model_config": dataclasses.asdict(model.config),
@@ -271,21 +278,22 @@ def write_csv(table: pd.DataFrame, uri: str) -> None:
 
 
 def read_status(shard_uri: str) -> pd.DataFrame:
-    from pipeline.storage import resolve_filesystem
+    """video_id, status, reason of every video committed in the shard set."""
+    from pipeline.shardset import ShardIndex
 
-    fs, path = resolve_filesystem(shard_uri)
-    return pq.read_table(f"{path.rstrip('/')}/status.parquet", filesystem=fs,
-                         columns=["video_id", "status", "reason"]).to_pandas()
+    return ShardIndex.load(shard_uri, columns=["video_id", "status", "reason"]).table.to_pandas()
 
 
 def read_video_frames(shard_uri: str, video_id: str) -> pd.DataFrame:
-    """All shard rows of one video (images included), ordered by frame_index."""
-    from pipeline.storage import resolve_filesystem
+    """All committed rows of one video (images included), ordered by frame_index."""
+    from pipeline.shardset import ShardIndex
+    from pipeline.shardset import read_video_frames as read_rows
 
-    fs, path = resolve_filesystem(shard_uri)
-    files = _shard_files(fs, path.rstrip("/"), [video_id])
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=FRAME_COLUMNS)
-    return table.to_pandas().sort_values("frame_index", kind="stable").reset_index(drop=True)
+    index = ShardIndex.load(shard_uri)
+    entry = [v for v in index.videos(with_frames=True) if v.video_id == video_id]
+    if not entry:
+        return pd.DataFrame(columns=FRAME_COLUMNS)
+    return read_rows(shard_uri, entry[0], FRAME_COLUMNS).to_pandas()
 
 
 # ----------------------------------------------------------------------------------------------

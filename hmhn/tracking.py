@@ -167,11 +167,12 @@ class RunLogger:
 
 
 def prediction_table(rows: list[dict[str, Any]]) -> str:
-    """CSV of per-video predictions: split, video_id, subject_id, label, prediction, error, n_frames."""
+    """CSV of per-video predictions: split, video_id, subject_id, task, label, prediction, error, n_frames,
+    fallback (1 = no usable face: predicted as the training mean)."""
     import csv
 
     out = io.StringIO()
-    fields = ["split", "video_id", "subject_id", "label", "prediction", "error", "n_frames"]
+    fields = ["split", "video_id", "subject_id", "task", "label", "prediction", "error", "n_frames", "fallback"]
     writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for row in rows:

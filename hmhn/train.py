@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import re
@@ -30,13 +31,14 @@ import numpy as np
 import torch
 
 from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metrics, video_scores
-from hmhn.data import (AUGMENTATIONS, ShardSet, check_trainable, iter_eval_batches, open_shardset, owner_rank,
-                       train_dataset)
+from hmhn.data import (AUGMENTATIONS, ShardIndex, VideoEntry, check_trainable, iter_eval_batches, open_shardset,
+                       owner_rank, train_dataset)
 from hmhn.image import to_model_input
 
 CHECKPOINT_FILE = "checkpoint.pt"
 KILL_ENV = "HMHN_TEST_KILL_RANK1_AT_EPOCH"  # test-only: rank 1 exits once at this epoch
 KILL_MARKER_ENV = "HMHN_TEST_KILL_MARKER"     # the file that makes it "once"
+NAN_ENV = "HMHN_TEST_NAN_AT_EPOCH"           # test-only: the loss turns NaN from this epoch on
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,10 @@ class TrainConfig:
     augmentation: str = field(default="full", metadata={
         "help": "training augmentation: full (flip, small affine, random erasing), flip, none",
         "choices": AUGMENTATIONS})
-    eval_frames_per_video: int = field(default=0, metadata={"help": "frames per dev/test video to evaluate "
-                                                                    "(uniform; 0 = all)"})
+    eval_frames_per_video: int = field(default=32, metadata={"help": "frames per dev video in the per-epoch "
+                                                                     "evaluation (evenly spaced; 0 = all)"})
+    final_eval_frames_per_video: int = field(default=0, metadata={"help": "frames per dev/test video in the final "
+                                                                          "evaluation of the best model (0 = all)"})
     eval_batch_size: int = field(default=64, metadata={"help": "frames per evaluation batch"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the ResNet-18 trunk"})
     head_lr: float = field(default=1e-3, metadata={"help": "learning rate of GWA/DFF/MAB/regressor"})
@@ -95,8 +99,9 @@ class TrainConfig:
         if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
             raise ValueError(f"run_name {self.run_name!r}: use letters, digits, '.', '_' and '-' "
                              "(it names a checkpoint folder and an MLflow tag)")
-        if self.cpus_per_worker < 0 or self.max_failures < -1 or self.eval_frames_per_video < 0:
-            raise ValueError("cpus_per_worker and eval_frames_per_video must be >= 0, max_failures >= -1")
+        if min(self.cpus_per_worker, self.eval_frames_per_video, self.final_eval_frames_per_video) < 0 \
+                or self.max_failures < -1:
+            raise ValueError("cpus_per_worker and the eval frame counts must be >= 0, max_failures >= -1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +130,8 @@ class TrainingResult:
     epochs_run: list[int]                    # epochs trained by the last worker group of this call
     checkpoint_path: str | None              # best Ray Train checkpoint
     preprocess_version: str = ""
+    diverged_at_epoch: int | None = None     # training stopped there (NaN/inf); the model is the last good one
+    n_videos_fallback: dict[str, int] = field(default_factory=dict)  # per split: scored with the training mean
     history: list[dict[str, float]] = field(default_factory=list)  # their per-epoch metrics
 
 
@@ -150,56 +157,73 @@ def make_optimizer(model: HMHN, config: TrainConfig):
 
 
 @torch.no_grad()
-def predict_frames(model: HMHN, shardset: ShardSet, videos, config: TrainConfig,
-                   device: torch.device | str = "cpu") -> tuple[list[str], list[float]]:
-    """Frame scores (clamped to 0..63, as the registered model serves them) of `videos`, in a stable order."""
+def video_score_sums(model: HMHN, root: str, videos: list[VideoEntry], config: TrainConfig, max_frames: int = 0,
+                     device: torch.device | str = "cpu") -> dict[str, tuple[float, int]]:
+    """video_id -> (sum, count) of its frame scores (clamped to 0..63, as the registered model serves them)."""
     scorer = HMHNScorer(model, clamp=True).eval()
     device = torch.device(device)
-    ids: list[str] = []
-    scores: list[float] = []
-    for batch_ids, images, _ in iter_eval_batches(shardset, videos, config.model.input_size, config.eval_batch_size,
-                                                  config.eval_frames_per_video):
+    sums: dict[str, list[float]] = {}
+    for batch_ids, images, _ in iter_eval_batches(root, videos, config.model.input_size, config.eval_batch_size,
+                                                  max_frames):
         x = to_model_input(torch.from_numpy(images).to(device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores.extend(scorer(x).float().cpu().tolist())
-        ids.extend(batch_ids)
-    return ids, scores
+            scores = scorer(x).float().cpu().tolist()
+        for video_id, score in zip(batch_ids, scores):
+            entry = sums.setdefault(video_id, [0.0, 0])
+            entry[0] += score
+            entry[1] += 1
+    return {k: (v[0], int(v[1])) for k, v in sums.items()}
 
 
-def evaluate_split(model: HMHN, shardset: ShardSet, split: str, config: TrainConfig,
-                   device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
-                   ) -> tuple[dict[str, float], dict[str, float]]:
-    """(per-video predictions, {"rmse","mae","n_videos"}) of one split.
+def evaluate_split(model: HMHN, index: ShardIndex, split: str, config: TrainConfig, train_mean: float,
+                   device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1, max_frames: int = 0
+                   ) -> tuple[dict[str, float], dict[str, Any]]:
+    """(per-video predictions, metrics) of one split, the way AVEC scores it: every labelled video counts.
+
+    A video without usable frames (no face, failed) is predicted as the training mean and counted in
+    `n_videos_fallback` (listed in `fallback_videos`). Metrics: rmse, mae, n_videos, and per task
+    (`rmse_<task>`, `mae_<task>`) when the split has tasks (AVEC2014 Freeform / Northwind).
 
     With world_size > 1 (inside the worker group) each worker scores only the videos it owns
-    (stable hash of video_id) and the frame scores are all-gathered: every frame counted once,
-    the same numbers as world_size == 1.
+    (stable hash of video_id) and only per-video (sum, count) pairs are all-gathered: the same
+    numbers as world_size == 1, and traffic per video, not per frame.
     """
     if world_size > 1:
         # DDP syncs BatchNorm running stats from rank 0 only at the start of each forward, so after
         # training every rank holds slightly different ones; evaluate with rank 0's (= the checkpoint's).
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
-    videos = [v for v in shardset.split(split) if owner_rank(v.video_id, world_size) == rank]
-    ids, scores = predict_frames(model, shardset, videos, config, device)
+    videos = [v for v in index.videos(split, with_frames=True) if owner_rank(v.video_id, world_size) == rank]
+    sums = video_score_sums(model, index.root, videos, config, max_frames, device)
     if world_size > 1:
         gathered: list[Any] = [None] * world_size
-        torch.distributed.all_gather_object(gathered, (ids, scores))
-        ids = [i for part in gathered for i in part[0]]
-        scores = [s for part in gathered for s in part[1]]
-    predictions = video_scores(ids, scores) if ids else {}
-    truth = shardset.labels(split)
-    metrics = video_metrics(predictions, truth) if set(predictions) & set(truth) else \
-        {"rmse": math.nan, "mae": math.nan, "n_videos": 0}
+        torch.distributed.all_gather_object(gathered, sums)
+        sums = {k: v for part in gathered for k, v in part.items()}
+    predictions = {video_id: total / count for video_id, (total, count) in sums.items() if count}
+    truth = index.labels(split)
+    fallback = sorted(v for v in truth if v not in predictions)
+    predictions.update({v: train_mean for v in fallback})
+    metrics: dict[str, Any] = {"rmse": math.nan, "mae": math.nan, "n_videos": 0, "n_videos_fallback": len(fallback),
+                               "fallback_videos": fallback}
+    if truth:
+        metrics.update(video_metrics(predictions, truth))
+        tasks = index.select(split).select(["video_id", "task"]).to_pylist()
+        by_task: dict[str, dict[str, float]] = {}
+        for row in tasks:
+            if row["task"] and row["video_id"] in truth:
+                by_task.setdefault(row["task"], {})[row["video_id"]] = truth[row["video_id"]]
+        for task, task_truth in sorted(by_task.items()):
+            task_metrics = video_metrics(predictions, task_truth)
+            metrics[f"rmse_{task}"], metrics[f"mae_{task}"] = task_metrics["rmse"], task_metrics["mae"]
     return predictions, metrics
 
 
-def baseline_metrics(shardset: ShardSet, split: str) -> dict[str, float] | None:
+def baseline_metrics(index: ShardIndex, split: str) -> dict[str, float] | None:
     """Predict-the-training-mean for every video of `split` (None when it has no labelled videos)."""
-    truth = shardset.labels(split)
+    truth = index.labels(split)
     if not truth:
         return None
-    mean = shardset.train_mean()
+    mean = index.train_mean()
     return video_metrics({v: mean for v in truth}, truth)
 
 
@@ -249,7 +273,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     from hmhn.tracking import RunLogger
 
     config: TrainConfig = TrainConfig.from_dict(loop["config"])
-    shardset: ShardSet = loop["shardset"]
+    index = ShardIndex.load(loop["data"])  # each worker reads the index itself: the driver sends its location
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     master = rank == 0  # rank 0 logs to MLflow and writes checkpoints
@@ -258,7 +282,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    select_split = "dev" if shardset.split("dev") else "train"  # "train" only with --allow-no-dev
+    select_split = "dev" if index.count("dev") else "train"  # "train" only with --allow-no-dev
 
     # Model, optimizer, schedule; then whatever Ray Train hands back on resume/restart.
     model = build_model(config, loop["train_mean"])
@@ -277,9 +301,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint_state(folder, device)
-        if state["preprocess_version"] != shardset.preprocess_version:
+        if state["preprocess_version"] != index.preprocess_version:
             raise ValueError(f"run {loop['run_name']!r} was trained on preprocess_version "
-                             f"{state['preprocess_version']}, --data has {shardset.preprocess_version}: "
+                             f"{state['preprocess_version']}, --data has {index.preprocess_version}: "
                              "use a new --run-name")
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -295,21 +319,23 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         system_metrics = logger.start_system_metrics()
         logger.log_params({**config.to_dict(), "world_size": world_size, "threads_per_worker": loop["threads"],
                            "cpus_per_worker": loop["cpus_per_worker"], "device": device.type,
-                           "preprocess_version": shardset.preprocess_version,
+                           "preprocess_version": index.preprocess_version,
                            "train_mean": round(loop["train_mean"], 4), "selection_split": select_split,
-                           "train_videos": len(shardset.split("train")),
-                           "dev_videos": len(shardset.split("dev")), "test_videos": len(shardset.split("test"))})
+                           **{f"{split}_videos": index.count(split, with_frames=False) for split in ("train", "dev", "test")},
+                           **{f"{split}_videos_without_frames": index.count(split, with_frames=False) - index.count(split)
+                              for split in ("train", "dev", "test")}})
         logger.set_tags({"system_metrics": system_metrics})
         if start_epoch:
             print(f"[hmhn] resuming {loop['run_name']} after epoch {start_epoch} "
                   f"(best so far: epoch {best['epoch']}, dev RMSE {best['dev_rmse']:.3f})", flush=True)
 
     history: list[dict[str, float]] = []  # epochs trained by this worker group (returned by rank 0)
+    diverged_at: int | None = None
     train_shard = ray.train.get_dataset_shard("train")
     # Each Ray Data task emits all k frames of one video (one label), so a small shuffle buffer
     # gives batches of one or two videos: correlated gradients and useless BatchNorm statistics.
     # Shuffle across (up to) a whole epoch of this worker's frames instead.
-    epoch_rows = len(shardset.split("train")) * config.frames_per_video // world_size
+    epoch_rows = index.count("train") * config.frames_per_video // world_size
     shuffle_rows = max(4 * config.batch_size, min(epoch_rows, SHUFFLE_BUFFER_MAX_ROWS))
     for epoch in range(start_epoch + 1, config.epochs + 1):
         # ---- train one epoch on this worker's share of the frames drawn for this epoch
@@ -328,6 +354,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 output = model(x)
             loss, parts = hmhn_loss(output, y, config.loss)  # fp32
+            if loop.get("test_nan_epoch") and epoch >= loop["test_nan_epoch"]:
+                loss = loss * math.nan  # test hook (HMHN_TEST_NAN_AT_EPOCH): a diverging run
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -342,12 +370,25 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         *total_sums, total_samples = _all_reduce([*sums.tolist(), samples])
         (slowest,) = _all_reduce([seconds], torch.distributed.ReduceOp.MAX if world_size > 1 else None)
 
-        # ---- per-video evaluation, every frame once across the workers
-        _, dev = evaluate_split(raw_model, shardset, select_split, config, device, rank, world_size)
+        # ---- a diverged run stops here, on every rank alike (the losses were all-reduced), before
+        # its broken weights are reported; the last reported checkpoint is the last good one.
+        train_loss = total_sums[0] / max(total_samples, 1)
+        dev: dict[str, Any] = {}
+        if math.isfinite(train_loss):
+            # ---- per-video evaluation on a capped, evenly spaced set of frames per video
+            _, dev = evaluate_split(raw_model, index, select_split, config, loop["train_mean"], device, rank,
+                                    world_size, max_frames=config.eval_frames_per_video)
+        if not math.isfinite(train_loss) or (dev["n_videos"] and not math.isfinite(dev["rmse"])):
+            diverged_at = epoch
+            if master:
+                print(f"[hmhn] epoch {epoch}: training diverged (train loss {train_loss}, {select_split} RMSE "
+                      f"{dev.get('rmse', math.nan)}); stopping. The model is the last good epoch's "
+                      f"({best['epoch'] or 'none'}). Lower --lr / --head-lr, or check the data", flush=True)
+            break
         if dev["rmse"] < best["dev_rmse"]:
             best = {"epoch": epoch, "dev_rmse": dev["rmse"], "dev_mae": dev["mae"],
                     "model": {k: v.detach().cpu().clone() for k, v in raw_model.state_dict().items()}}
-        metrics = {"epoch": epoch, "train_loss": total_sums[0] / max(total_samples, 1),
+        metrics = {"epoch": epoch, "train_loss": train_loss,
                    "train_regression_loss": total_sums[1] / max(total_samples, 1),
                    "train_partition_loss": total_sums[2] / max(total_samples, 1),
                    "dev_rmse": dev["rmse"], "dev_mae": dev["mae"], "lr": lr, "train_samples": total_samples,
@@ -365,7 +406,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                 torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
                             "model_config": dataclasses.asdict(raw_model.config),
-                            "preprocess_version": shardset.preprocess_version,
+                            "preprocess_version": index.preprocess_version,
                             "train_mean": loop["train_mean"], "metrics": metrics, "run_id": loop["run_id"],
                             # the best weights only when they differ from this epoch's (saves space)
                             "best": {**best, "model": None if best["epoch"] == epoch else best["model"]}},
@@ -374,44 +415,63 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(metrics)
 
-    # ---- final evaluation of the best weights on every split (no report: counts stay equal)
+    if best["model"] is None:  # diverged before any good epoch: nothing to evaluate
+        if master:
+            logger.set_tags({"diverged_at_epoch": diverged_at})
+            logger.stop_system_metrics()
+        return {"diverged_at_epoch": diverged_at, "best_epoch": 0, "history": history} if master else None
+    # ---- final evaluation of the best weights on every split, every frame by default (no report:
+    # counts stay equal)
     raw_model.load_state_dict(best["model"])
-    predictions = {split: evaluate_split(raw_model, shardset, split, config, device, rank, world_size)
-                   for split in ("dev", "test") if shardset.split(split)}
+    predictions = {split: evaluate_split(raw_model, index, split, config, loop["train_mean"], device, rank, world_size,
+                                         max_frames=config.final_eval_frames_per_video)
+                   for split in ("dev", "test") if index.count(split, with_frames=False)}
     if not master:
         return None
-    final = {"best_epoch": best["epoch"], "best_dev_rmse": best["dev_rmse"], "best_dev_mae": best["dev_mae"]}
+    final: dict[str, Any] = {"best_epoch": best["epoch"], "best_dev_rmse": best["dev_rmse"],
+                             "best_dev_mae": best["dev_mae"]}
     for split, (_, m) in predictions.items():
-        final.update({f"best_{split}_rmse": m["rmse"], f"best_{split}_mae": m["mae"]})
+        final.update({f"best_{split}_{k}": v for k, v in m.items() if k.startswith(("rmse", "mae"))})
+        final[f"n_videos_fallback_{split}"] = m["n_videos_fallback"]
     logger.log_metrics(final)
-    _log_evaluation_artifacts(logger, shardset, predictions, loop["run_name"], best["epoch"])
+    if diverged_at:
+        logger.set_tags({"diverged_at_epoch": diverged_at})
+    _log_evaluation_artifacts(logger, index, predictions, loop["run_name"], best["epoch"])
     if config.log_attention_maps:
-        _log_attention_maps(logger, raw_model, shardset, config, device)
+        _log_attention_maps(logger, raw_model, index, config, device)
     logger.stop_system_metrics()
-    return {**final, "history": history, "predictions": {split: p for split, (p, _) in predictions.items()}}
+    return {**final, "diverged_at_epoch": diverged_at, "history": history,
+            "predictions": {split: p for split, (p, _) in predictions.items()},
+            "fallback_videos": {split: m["fallback_videos"] for split, (_, m) in predictions.items()}}
 
 
-def _log_evaluation_artifacts(logger, shardset: ShardSet, predictions, run_name: str, best_epoch: int) -> None:
-    """Per-video CSV and predicted-vs-true scatter (numbers only: no face pixels)."""
+def _log_evaluation_artifacts(logger, index: ShardIndex, predictions, run_name: str, best_epoch: int) -> None:
+    """Per-video CSV (fallback videos flagged), predicted-vs-true scatter (numbers only: no face pixels)."""
     from hmhn.tracking import prediction_table, scatter_figure
 
-    by_id = {v.video_id: v for v in shardset.videos}
-    rows = [{"split": split, "video_id": vid, "subject_id": by_id[vid].subject_id, "label": by_id[vid].label,
-             "prediction": score, "n_frames": len(by_id[vid].frame_indices)}
-            for split, (preds, _) in predictions.items() for vid, score in sorted(preds.items())]
+    by_id = {v.video_id: v for v in index.videos(with_frames=False) if v.split in predictions}
+    rows = [{"split": split, "video_id": vid, "subject_id": by_id[vid].subject_id, "task": by_id[vid].task or "",
+             "label": by_id[vid].label, "prediction": score, "n_frames": by_id[vid].faces_kept if
+             by_id[vid].has_frames else 0, "fallback": int(vid in metrics["fallback_videos"])}
+            for split, (preds, metrics) in predictions.items() for vid, score in sorted(preds.items())]
     logger.log_text(prediction_table(rows), "evaluation/video_predictions.csv")
+    fallback = [r for r in rows if r["fallback"]]
+    if fallback:
+        logger.log_text("split,video_id,reason\n" + "".join(
+            f"{r['split']},{r['video_id']},{by_id[r['video_id']].status}: {by_id[r['video_id']].reason}\n"
+            for r in fallback), "evaluation/fallback_videos.csv")
     labelled = [r for r in rows if not math.isnan(r["label"])]
     if labelled:
         logger.log_figure(scatter_figure(labelled, f"{run_name}, best epoch {best_epoch}"),
                           "evaluation/predicted_vs_true.png")
 
 
-def _log_attention_maps(logger, model: HMHN, shardset: ShardSet, config: TrainConfig, device) -> None:
+def _log_attention_maps(logger, model: HMHN, index: ShardIndex, config: TrainConfig, device) -> None:
     """Opt-in only (face images are health data): per-head attention over a few dev faces."""
     from hmhn.explain import attention_figure
 
-    videos = shardset.split("dev") or shardset.split("train")
-    ids, images, _ = next(iter_eval_batches(shardset, videos[:config.attention_frames], config.model.input_size,
+    videos = index.videos("dev") or index.videos("train")
+    ids, images, _ = next(iter_eval_batches(index.root, videos[:config.attention_frames], config.model.input_size,
                                             batch_size=config.attention_frames, max_frames_per_video=1))
     scorer = HMHNScorer(model).eval()
     maps = scorer.attention_maps(to_model_input(torch.from_numpy(images).to(device)),
@@ -457,9 +517,12 @@ def run_training(config: TrainConfig) -> TrainingResult:
 
     if not config.data:
         raise ValueError("no shard set given (--data OUTPUT/<preprocess_version>/)")
-    shardset = open_shardset(config.data)
-    check_trainable(shardset, config.allow_no_dev)
-    per_worker = len(shardset.split("train")) * config.frames_per_video // config.workers
+    # The driver reads only the index's small columns (columnar: cheap at 10^5 videos) for the checks,
+    # the training mean and the sizes; workers and Ray Data read the index themselves.
+    index = open_shardset(config.data)
+    check_trainable(index, config.allow_no_dev)
+    train_videos = index.count("train")
+    per_worker = train_videos * config.frames_per_video // config.workers
     if per_worker < config.batch_size:
         raise ValueError(f"each of the {config.workers} workers gets ~{per_worker} training frames per epoch, fewer "
                          f"than --batch-size {config.batch_size}: no training step would run (lower --batch-size "
@@ -478,19 +541,21 @@ def run_training(config: TrainConfig) -> TrainingResult:
     tracking_uri = tracking.resolve_tracking_uri(config.mlflow_uri)
     run_id, resumed = tracking.start_or_resume_run(
         tracking_uri, config.experiment, run_name,
-        {"preprocess_version": shardset.preprocess_version, "data": config.data})
+        {"preprocess_version": index.preprocess_version, "data": config.data})
     if resumed:
         known = tracking.run_tags(tracking_uri, run_id).get("preprocess_version")
-        if known and known != shardset.preprocess_version:
+        if known and known != index.preprocess_version:
             raise ValueError(f"run {run_name!r} was trained on preprocess_version {known}, --data has "
-                             f"{shardset.preprocess_version}: use a new --run-name")
-    train_mean = shardset.train_mean()
+                             f"{index.preprocess_version}: use a new --run-name")
+    _log_data_report(tracking.RunLogger(tracking_uri, run_id), config.data)
+    train_mean = index.train_mean()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "shardset": shardset, "run_name": run_name,
+        train_loop_config={"config": config.to_dict(), "data": config.data, "run_name": run_name,
                            "run_id": run_id, "tracking_uri": tracking_uri, "train_mean": train_mean,
                            "threads": threads, "cpus_per_worker": cpus_per_worker,
-                           "test_kill": _test_kill_option(run_name)},
+                           "test_kill": _test_kill_option(run_name),
+                           "test_nan_epoch": int(os.environ.get(NAN_ENV, "0") or 0)},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -499,7 +564,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                                          checkpoint_score_attribute="dev_rmse",
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
-        datasets={"train": train_dataset(shardset, config.frames_per_video, config.model.input_size,
+        datasets={"train": train_dataset(config.data, train_videos, config.frames_per_video, config.model.input_size,
                                          augmentation=config.augmentation, num_cpus=data_cpus)},
         # dev/test never go through Ray's split (equal=True may drop rows): workers evaluate disjoint videos.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -513,6 +578,16 @@ def run_training(config: TrainConfig) -> TrainingResult:
     final = result.return_value or {}
     best_checkpoint = result.get_best_checkpoint(metric="dev_rmse", mode="min") or result.checkpoint
     history = final.get("history", [])
+    diverged_at = final.get("diverged_at_epoch")
+    if best_checkpoint is None:
+        tracking.end_run(tracking_uri, run_id, "FAILED")
+        if diverged_at:
+            raise TrainingDiverged(f"training diverged at epoch {diverged_at} (NaN/inf loss or dev RMSE) before any "
+                                   "good epoch: nothing to register. Lower --lr / --head-lr or check the data")
+        raise RuntimeError("training reported no checkpoint")
+    if diverged_at:
+        print(f"[hmhn] training diverged at epoch {diverged_at}; registering the last good model "
+              f"(best epoch {final.get('best_epoch')})", flush=True)
 
     model_uri, moved = None, False
     with best_checkpoint.as_directory() as folder:
@@ -521,14 +596,14 @@ def run_training(config: TrainConfig) -> TrainingResult:
         if config.register:
             version = tracking.log_and_register_model(
                 tracking_uri, run_id, model, config.model_name,
-                preprocess_config=shardset.preprocess_config or {"preprocess_version": shardset.preprocess_version,
-                                                                 "config": {}},
+                preprocess_config=index.preprocess_config or {"preprocess_version": index.preprocess_version,
+                                                              "config": {}},
                 version_tags={"best_epoch": best_epoch, "training_run": run_name,
                               "aggregation": "mean of frame scores per video"})
             moved = tracking.promote(tracking_uri, config.model_name, version, float(state["metrics"]["dev_rmse"]))
             model_uri = f"models:/{config.model_name}/{version}"
-    baseline = baseline_metrics(shardset, "test")
-    baseline_dev = baseline_metrics(shardset, "dev")
+    baseline = baseline_metrics(index, "test")
+    baseline_dev = baseline_metrics(index, "dev")
     logger = tracking.RunLogger(tracking_uri, run_id)
     logger.log_metrics({f"baseline_{s}_{k}": v for s, b in (("test", baseline), ("dev", baseline_dev)) if b
                         for k, v in b.items() if k != "n_videos"})
@@ -541,4 +616,24 @@ def run_training(config: TrainConfig) -> TrainingResult:
         baseline_test_rmse=baseline["rmse"] if baseline else None,
         baseline_test_mae=baseline["mae"] if baseline else None,
         epochs_run=[int(m["epoch"]) for m in history], checkpoint_path=best_checkpoint.path,
-        preprocess_version=shardset.preprocess_version, history=history)
+        preprocess_version=index.preprocess_version, history=history, diverged_at_epoch=diverged_at,
+        n_videos_fallback={k.removeprefix("n_videos_fallback_"): int(v) for k, v in final.items()
+                           if k.startswith("n_videos_fallback_")})
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or dev RMSE became NaN/inf before any good epoch."""
+
+
+def _log_data_report(logger, data: str) -> None:
+    """What preprocessing reported about the manifest (split sizes, subjects recurring across the
+    official partitions, unlabelled videos) goes to the run: the protocol is part of the result."""
+    from pipeline.shardset import SUMMARY_FILE, read_json
+
+    report = (read_json(data, SUMMARY_FILE) or {}).get("manifest")
+    if not report:
+        return
+    recurring = report.get("recurring_subjects") or {}
+    logger.log_params({"recurring_subjects": int(recurring.get("count", 0)),
+                       "unlabelled_videos": len(report.get("unlabelled_video_ids") or [])})
+    logger.log_text(json.dumps(report, indent=2, default=str), "data/manifest_report.json")

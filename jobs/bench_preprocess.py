@@ -1,6 +1,6 @@
 """Preprocessing throughput and memory on the demo data (figures, not a test).
 
-    python jobs/bench_preprocess.py [--demo-dir data/demo/videos] [--videos 32] [--repeats 3] [--decode-in actor]
+    python jobs/bench_preprocess.py [--demo-dir data/demo/videos] [--videos 32] [--repeats 3]
 
 For C = 1 and 2 CPUs, `--repeats` times, measured back to back so that machine noise hits the
 baseline and the pipeline alike:
@@ -126,7 +126,7 @@ def tree_rss_bytes(root_pid: int) -> int:
     return sum(rss.get(pid, 0) for pid in tree)
 
 
-def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int, decode_in: str) -> dict:
+def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int) -> dict:
     """Child process: the real pipeline on a fresh local Ray with `cpus` CPUs; peak tree RSS."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -153,28 +153,29 @@ def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int, decode_in: str) 
     thread.start()
     with tempfile.TemporaryDirectory() as out:
         config = PreprocessConfig(dataset="csv", input=str(demo_dir / "manifest.csv"), output=out,
-                                  sampling=SAMPLING, progress_every_s=1e9, decode_in=decode_in)
+                                  sampling=SAMPLING, progress_every_s=1e9,
+                                  # a commit per video: the steady-state window below needs commit times
+                                  videos_per_task=1, commit_every=1)
         tic = time.perf_counter()
         summary = run_preprocess(config, manifest=pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
                                  printer=lambda *_: None)
         seconds = time.perf_counter() - tic
-        status = pq.read_table(f"{summary['shard_set']}/status.parquet").to_pylist()
+        status = pq.read_table(f"{summary['shard_set']}/index.parquet").to_pylist()
     stop.set()
     thread.join()
     frames = summary["this_run"]["frames_decoded"]
-    # Steady state inside this run: from the first video's commit to the last one's (each status
-    # row's `seconds` counts from the start of the run), so start-up and the first videos'
-    # latency drop out without subtracting two separately timed runs.
-    first = min(s["seconds"] for s in status)
-    after_first = [s for s in status if s["seconds"] > first]
-    steady = sum(s["frames_decoded"] for s in after_first) / (max(s["seconds"] for s in status) - first)
+    # Steady state inside this run: from the first video's commit to the last one's (commit-log
+    # times), so start-up and the first videos' latency drop out without subtracting two
+    # separately timed runs.
+    first = min(s["committed_ns"] for s in status)
+    after_first = [s for s in status if s["committed_ns"] > first]
+    steady = sum(s["frames_decoded"] for s in after_first) / ((max(s["committed_ns"] for s in status) - first) / 1e9)
     return {"cpus": cpus, "videos": n_videos, "frames": frames, "seconds": seconds,
             "fps": frames / seconds, "steady_fps": steady, "peak_rss_mb": peak[0] / 2**20}
 
 
-def _child(demo_dir: Path, n_videos: int, cpus: int, decode_in: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--demo-dir", str(demo_dir), "--decode-in", decode_in,
-                          "--_child", f"{n_videos},{cpus}"],
+def _child(demo_dir: Path, n_videos: int, cpus: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--demo-dir", str(demo_dir), "--_child", f"{n_videos},{cpus}"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -185,15 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--videos", type=int, default=32, help="N: videos per pipeline run, also run with 2N "
                         "(repeating the demo videos under new ids); 32 = the demo set once")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per CPU count (median reported)")
-    parser.add_argument("--decode-in", default="actor", choices=("actor", "tasks"),
-                        help="the pipeline's graph (PreprocessConfig.decode_in): 'tasks' measures the "
-                             "decode-tasks graph that GPU detection uses, on CPU")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     demo_dir = Path(args.demo_dir)
     if args._child:
         n, c = (int(v) for v in args._child.split(","))
-        print(json.dumps(run_pipeline_once(demo_dir, n, c, args.decode_in)))
+        print(json.dumps(run_pipeline_once(demo_dir, n, c)))
         return 0
     if not (demo_dir / "manifest.csv").exists():
         from pipeline.demo_data import DemoDataConfig, make_demo_dataset
@@ -206,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         e2e_ratios, steady_ratios = [], []
         for rep in range(1, args.repeats + 1):
             base = measure_components(uris, cpus)
-            small, large = _child(demo_dir, n, cpus, args.decode_in), _child(demo_dir, 2 * n, cpus, args.decode_in)
+            small, large = _child(demo_dir, n, cpus), _child(demo_dir, 2 * n, cpus)
             limit = base["limit_fps"]
             steady = large["steady_fps"]
             e2e_ratios.append(small["fps"] / limit)
             steady_ratios.append(steady / limit)
-            print(f"{cpus} CPU, run {rep} (--decode-in {args.decode_in}):")
+            print(f"{cpus} CPU, run {rep}:")
             print(f"  decode only : {base['decode_fps']:6.1f} frames/s | detect only: {base['detect_fps']:6.1f} frames/s "
                   f"(incl. align+JPEG) | decode+detect limit {limit:6.1f} frames/s  [{base['frames']} frames, "
                   f"{cpus} process(es), no Ray]")

@@ -38,10 +38,11 @@ from hmhn.train import TrainConfig, build_model, make_optimizer, run_training, w
 def plain_loop(config: TrainConfig, threads: int) -> list[float]:
     """samples/s per epoch of a single-process loop doing the same work as one Ray Train worker."""
     torch.set_num_threads(threads)
-    shardset = open_shardset(config.data)
-    model = build_model(config, shardset.train_mean())
+    index = open_shardset(config.data)
+    model = build_model(config, index.train_mean())
     optimizer, scheduler = make_optimizer(model, config)
-    videos = shardset.split("train")
+    train_rows = index.select("train", with_frames=True)
+    videos = [train_rows.slice(i, 1) for i in range(train_rows.num_rows)]
     rates = []
     for _ in range(config.epochs):
         model.train()
@@ -49,10 +50,9 @@ def plain_loop(config: TrainConfig, threads: int) -> list[float]:
         images, labels = [], []
         order = np.random.default_rng().permutation(len(videos))
         for i in order:
-            v = videos[i]
-            frames = sample_train_frames({"video_id": [v.video_id], "label": [v.label], "files": [list(v.files)],
-                                          "frame_indices": [list(v.frame_indices)]},
-                                         shardset.root, config.frames_per_video, config.model.input_size)
+            row = videos[i]  # one index row, as the Ray Data UDF gets it
+            frames = sample_train_frames({n: row.column(n).to_numpy(zero_copy_only=False) for n in row.column_names},
+                                         index.root, config.frames_per_video, config.model.input_size)
             images.append(frames["image"])
             labels.append(frames["label"])
             pool_x, pool_y = np.concatenate(images), np.concatenate(labels)

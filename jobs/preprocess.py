@@ -6,7 +6,8 @@
 Runs on the cluster it is submitted to (RAY_ADDRESS), else starts a local Ray sized to this
 machine. Options can also come from a YAML file (`--config`), with sections `sampling:`,
 `detector:` and `align:` for the nested settings. Exit status: 0 when at least one video was
-preprocessed, 1 when every video failed, 2 for an invalid configuration or manifest.
+preprocessed, 1 when every video failed, 2 for an invalid configuration or manifest, or when
+another run holds the output's lock.
 """
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.manifest import ManifestError
     from pipeline.preprocess import run_preprocess
+    from pipeline.shardset import LockedError, ShardSetError
     from pipeline.storage import StorageError
 
     try:
         summary = run_preprocess(config)
-    except (ManifestError, StorageError) as exc:
+    except (ManifestError, StorageError, LockedError, ShardSetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["ok"] == 0:

@@ -49,7 +49,18 @@ def _write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def _read_shards(shard_set: str):
-    return pds.dataset(f"{shard_set}/shards", format="parquet").to_table()
+    """Every committed row, read the way training and scoring read them: through the index."""
+    import pyarrow as pa
+
+    from pipeline.shardset import ShardIndex, read_video_frames
+
+    index = ShardIndex.load(str(shard_set))
+    tables = [read_video_frames(str(shard_set), v) for v in index.videos(with_frames=True)]
+    return pa.concat_tables(tables) if tables else pa.table({"video_id": []})
+
+
+def _status(shard_set) -> dict[str, dict]:
+    return {s["video_id"]: s for s in pq.read_table(Path(shard_set) / "index.parquet").to_pylist()}
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +123,19 @@ def test_good_videos_become_readable_shards(ray_session, videos, tmp_path):
     for vid in good:  # frame indices/timestamps are the 5 fps plan of a 30-frame clip
         frames = sorted(r["frame_index"] for r in table.filter(pds.field("video_id") == vid).select(["frame_index"]).to_pylist())
         assert set(frames) <= {0, 6, 12, 18, 24}
-    status = pq.read_table(f"{shard_set}/status.parquet").to_pylist()
-    assert {s["video_id"]: s["status"] for s in status} == {v: "ok" for v in good}
+    assert {v: s["status"] for v, s in _status(shard_set).items()} == {v: "ok" for v in good}
     saved = json.loads(Path(shard_set, "config.json").read_text())
     assert preprocess_config_from_dict(saved) == config  # the stored config rebuilds the same run
+    assert saved["format_version"] == 2
+    # Plain pyarrow reads a shard file; all videos of a task share one file.
+    files = sorted(Path(shard_set, "shards").glob("*.parquet"))
+    assert pds.dataset([str(f) for f in files], format="parquet").count_rows() == table.num_rows
 
-    # Rerun with the same config: nothing to do, nothing duplicated.
+    # Rerun with the same config: nothing to do, nothing duplicated, nothing new written.
     again = run_preprocess(config)
     assert again["this_run"]["videos_processed"] == 0
     assert _read_shards(shard_set).num_rows == table.num_rows
+    assert sorted(Path(shard_set, "shards").glob("*.parquet")) == files
 
 
 def test_every_bad_input_gets_a_reason_and_the_run_goes_on(ray_session, videos, tmp_path):
@@ -130,7 +145,7 @@ def test_every_bad_input_gets_a_reason_and_the_run_goes_on(ray_session, videos, 
     config = PreprocessConfig(dataset="csv", input=str(manifest), output=str(tmp_path / "out"),
                               sampling=FAST_SAMPLING, progress_every_s=1)
     summary = run_preprocess(config)
-    status = {s["video_id"]: s for s in pq.read_table(f"{summary['shard_set']}/status.parquet").to_pylist()}
+    status = _status(summary["shard_set"])
     assert set(status) == {r["video_id"] for r in rows}
     expect = {
         "zero_byte": ("failed", "zero-byte"),
@@ -189,23 +204,25 @@ def test_killed_run_resumes_with_every_frame_exactly_once(videos, tmp_path):
     manifest = _write_manifest(tmp_path / "m.csv", _rows(items))
     out = tmp_path / "out"
     args = ("--dataset", "csv", "--input", str(manifest), "--output", str(out), "--sampling-fps", "5",
-            "--sampling-chunk-frames", "2", "--num-detect-actors", "1")
+            "--sampling-chunk-frames", "2", "--num-detect-actors", "1", "--commit-every", "1")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(_job(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     deadline = time.time() + 240
-    status_dirs = []
+    logs = []
     while time.time() < deadline:
-        status_dirs = list(out.glob("*/status/*.parquet"))
-        if status_dirs:
+        logs = list(out.glob("*/log/commit-*.parquet"))
+        if logs:
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
-    assert status_dirs, "the run never committed a video"
+    assert logs, "the run never committed a video"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    shard_set = status_dirs[0].parent.parent
-    committed_before = {p.stem for p in (shard_set / "status").glob("*.parquet")}
+    shard_set = logs[0].parent.parent
+    from pipeline.shardset import read_log
+
+    committed_before = set(read_log(str(shard_set), ["video_id"]).column("video_id").to_pylist())
     assert 0 < len(committed_before) < len(items), "kill came too late to test a resume"
 
     rerun = subprocess.run(_job(*args), capture_output=True, text=True, timeout=400, env=env)
@@ -214,10 +231,13 @@ def test_killed_run_resumes_with_every_frame_exactly_once(videos, tmp_path):
     table = _read_shards(str(shard_set))
     keys = list(zip(table.column("video_id").to_pylist(), table.column("frame_index").to_pylist()))
     assert len(keys) == len(set(keys)), "duplicate frames after resume"
-    status = {s["video_id"]: s for s in pq.read_table(shard_set / "status.parquet").to_pylist()}
+    status = _status(shard_set)
     assert set(status) == set(items) and all(s["status"] == "ok" for s in status.values())
     for vid in items:  # the shards hold exactly what the status table says was kept
         assert sum(1 for v, _ in keys if v == vid) == status[vid]["faces_kept"] > 0
+    # Files of the killed run that no committed video points at were deleted by the rerun.
+    referenced = {s["file"] for s in status.values()}
+    assert {f"shards/{p.name}" for p in (shard_set / "shards").glob("*.parquet")} == referenced
 
 
 CRASH_DRIVER = """
@@ -255,23 +275,58 @@ def test_a_video_that_kills_its_worker_fails_alone(videos, tmp_path):
     assert set(table.column("video_id").to_pylist()) == {"before", "after"}
 
 
-def test_decode_in_tasks_writes_the_same_shards(ray_session, videos, tmp_path):
-    """The GPU-style graph (decode tasks feeding detector actors) and the default CPU graph
-    (decode inside the actors) write identical shards: same frames, same crops, same bytes."""
-    from pipeline.preprocess import _plan_stages
+def test_many_videos_share_a_file_in_strided_row_groups(ray_session, videos, tmp_path):
+    """videos_per_task videos go into one big file; each video's frames are split into row groups of
+    at most row_group_rows, group g holding every G-th frame (so one group is an evenly spaced sample)."""
+    root, good, _ = videos
+    items = {f"v{i}": good[f"good{i % 3}"] for i in range(4)}
+    manifest = _write_manifest(tmp_path / "m.csv", _rows(items))
+    config = PreprocessConfig(dataset="csv", input=str(manifest), output=str(tmp_path / "out"),
+                              sampling=FAST_SAMPLING, videos_per_task=2, row_group_rows=2, num_detect_actors=1)
+    summary = run_preprocess(config)
+    assert summary["ok"] == 4 and summary["this_run"]["shard_files_written"] == 2
+    shard_set = summary["shard_set"]
+    status = _status(shard_set)
+    assert len({s["file"] for s in status.values()}) == 2
+    for vid, s in status.items():
+        meta = pq.ParquetFile(Path(shard_set) / s["file"]).metadata
+        groups = [meta.row_group(s["row_group_first"] + g) for g in range(s["row_group_count"])]
+        assert s["row_group_count"] == -(-s["faces_kept"] // 2) and all(g.num_rows <= 2 for g in groups)
+        assert sum(g.num_rows for g in groups) == s["faces_kept"]
+        frames = [pq.ParquetFile(Path(shard_set) / s["file"]).read_row_group(s["row_group_first"] + g)
+                  .column("frame_index").to_pylist() for g in range(s["row_group_count"])]
+        ordered = sorted(f for group in frames for f in group)
+        assert frames[0] == ordered[::s["row_group_count"]]  # group 0 = every G-th frame
+
+
+def test_hostile_video_ids_are_refused_and_delete_nothing(tmp_path):
+    """A manifest value never becomes a path: names that could leave the output are refused (exit 2)."""
+    victim = tmp_path / "out" / "precious.txt"
+    victim.parent.mkdir(parents=True)
+    victim.write_text("earlier work")
+    rows = [{"video_id": "../../precious", "subject_id": "s1", "split": "train", "label": 1, "uri": "a.mp4"},
+            {"video_id": "a/b", "subject_id": "s2", "split": "train", "label": 1, "uri": "b.mp4"},
+            {"video_id": ".hidden", "subject_id": "s3", "split": "train", "label": 1, "uri": "c.mp4"}]
+    manifest = _write_manifest(tmp_path / "m.csv", rows)
+    proc = subprocess.run(_job("--dataset", "csv", "--input", str(manifest), "--output", str(tmp_path / "out")),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "../../precious" in proc.stderr and "a/b" in proc.stderr and ".hidden" in proc.stderr
+    assert victim.read_text() == "earlier work" and sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path, videos):
+    from pipeline.shardset import RunLock
 
     root, good, _ = videos
-    manifest = _write_manifest(tmp_path / "m.csv", _rows({k: good[k] for k in ("good0", "good1")}))
-    tables = {}
-    for decode_in in ("actor", "tasks"):
-        config = PreprocessConfig(dataset="csv", input=str(manifest), output=str(tmp_path / decode_in),
-                                  sampling=FAST_SAMPLING, decode_in=decode_in)
-        plan = _plan_stages(config)
-        assert plan["decode_in"] == decode_in
-        if decode_in == "tasks":  # actors leave CPU for the decode tasks (2-core deadlock otherwise)
-            assert plan["num_cpus"] * plan["size"] + plan["decode_cpus"] <= 2
-        summary = run_preprocess(config)
-        assert summary["ok"] == 2, summary["problems"]
-        tables[decode_in] = _read_shards(summary["shard_set"]).sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
-    assert _plan_stages(PreprocessConfig(dataset="csv", input="x")) ["decode_in"] == "actor"  # auto on CPU
-    assert tables["actor"].num_rows > 0 and tables["actor"].equals(tables["tasks"])
+    manifest = _write_manifest(tmp_path / "m.csv", _rows({"good0": good["good0"]}))
+    config = PreprocessConfig(dataset="csv", input=str(manifest), output=str(tmp_path / "out"),
+                              sampling=FAST_SAMPLING)
+    from pipeline.preprocess import shard_set_path
+
+    with RunLock(shard_set_path(config)):  # "another run" holds the lock, heartbeat fresh
+        proc = subprocess.run(_job("--dataset", "csv", "--input", str(manifest), "--output", str(tmp_path / "out")),
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "another preprocessing run is writing" in proc.stderr and "--force-unlock" in proc.stderr
+    assert not list(Path(shard_set_path(config)).glob("shards/*"))

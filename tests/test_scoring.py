@@ -38,11 +38,11 @@ def direct_video_scores(model, shard_set: str) -> dict[str, float]:
     """Training's evaluation path, spelled out: shard JPEGs -> hmhn.image -> HMHNScorer -> video_scores."""
     from hmhn.data import iter_eval_batches, open_shardset
 
-    shardset = open_shardset(shard_set)
+    index = open_shardset(shard_set)
     scorer = HMHNScorer(model, clamp=True).eval()
     ids, scores = [], []
     with torch.no_grad():
-        for batch_ids, images, _ in iter_eval_batches(shardset, list(shardset.videos), INPUT_SIZE, batch_size=7):
+        for batch_ids, images, _ in iter_eval_batches(shard_set, index.videos(), INPUT_SIZE, batch_size=7):
             scores.extend(scorer(to_model_input(torch.from_numpy(images))).tolist())
             ids.extend(batch_ids)
     return video_scores(ids, scores)
@@ -95,8 +95,10 @@ def test_predict_job_matches_direct_evaluation_and_records_bad_videos(ray_sessio
     except ImportError:
         pass
     else:
-        shardset = open_shardset(shard_set)
-        predictions, _ = evaluate_split(model, shardset, "test", TrainConfig(data=shard_set, model=HMHNConfig(input_size=INPUT_SIZE)))
+        index = open_shardset(shard_set)
+        predictions, metrics = evaluate_split(model, index, "test", TrainConfig(data=shard_set, model=HMHNConfig(
+            input_size=INPUT_SIZE)), train_mean=20.0)
+        assert metrics["n_videos"] == 0  # new videos have no label: nothing to score against, no fallback
         assert sorted(predictions) == good
         for video_id, score in predictions.items():
             assert rows.loc[video_id, "score"] == pytest.approx(score, abs=1e-3)

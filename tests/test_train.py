@@ -28,7 +28,7 @@ import torch
 from hmhn import HMHN, HMHNConfig
 from hmhn.data import (ShardSetError, check_trainable, open_shardset, sample_train_frames, uniform_positions,
                        write_synthetic_shardset)
-from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
+from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, NAN_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
                         run_training, worker_resources)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,10 +91,10 @@ def test_uniform_positions_fixed_count_and_spread():
 
 
 def test_train_frames_fixed_per_video_and_redrawn(shard_root):
-    shardset = open_shardset(shard_root)
-    video = shardset.split("train")[0]
-    batch = {"video_id": np.array([video.video_id]), "label": np.array([video.label]),
-             "files": [list(video.files)], "frame_indices": [list(video.frame_indices)]}
+    index = open_shardset(shard_root)
+    row = index.select("train", with_frames=True).slice(0, 1)
+    video = index.videos("train")[0]
+    batch = {name: row.column(name).to_numpy(zero_copy_only=False) for name in row.column_names}
     draws = [sample_train_frames(batch, shard_root, 3, SIZE, augmentation="none") for _ in range(12)]
     assert all(d["image"].shape == (3, SIZE, SIZE, 3) and d["image"].dtype == np.uint8 for d in draws)
     assert all(np.allclose(d["label"], video.label) for d in draws)
@@ -102,11 +102,17 @@ def test_train_frames_fixed_per_video_and_redrawn(shard_root):
 
 
 def test_shardset_errors(tmp_path):
-    with pytest.raises(ShardSetError, match="no shards/"):
+    with pytest.raises(ShardSetError, match="no index.parquet.*OUTPUT/<preprocess_version>"):
         open_shardset(str(tmp_path))
-    (tmp_path / "shards").mkdir()
-    with pytest.raises(ShardSetError, match="no .parquet"):
+    (tmp_path / "log").mkdir()
+    with pytest.raises(ShardSetError, match="did not finish.*Rerun the same preprocessing command"):
         open_shardset(str(tmp_path))
+    old = tmp_path / "old"  # format 1: a folder per video and status.parquet
+    (old / "shards" / "v1").mkdir(parents=True)
+    (old / "status.parquet").write_bytes(b"")
+    (old / "config.json").write_text(json.dumps({"preprocess_version": "abc", "config": {}}))
+    with pytest.raises(ShardSetError, match="format 1.*Rerun preprocessing"):
+        open_shardset(str(old))
     no_dev = write_synthetic_shardset(str(tmp_path / "nodev"), {"train": 2, "test": 1}, frames_per_video=2)
     with pytest.raises(ShardSetError, match="no dev videos.*--allow-no-dev"):
         check_trainable(open_shardset(no_dev))
@@ -121,7 +127,7 @@ def test_cli_reports_missing_shards(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the job edits it; restore after
     job = runpy.run_path(str(REPO / "jobs" / "train_ddp.py"))
-    with pytest.raises(SystemExit, match="error: no shards/ folder"):
+    with pytest.raises(SystemExit, match="error: no index.parquet"):
         job["main"](["--data", str(tmp_path), "--input-size", "64", "--num-heads", "2"])
     with pytest.raises(SystemExit):
         job["main"](["--epochs", "2"])  # --data is required
@@ -235,13 +241,14 @@ def test_distributed_metrics_equal_single_process(trained):
     second = trained["second"]
     model, state = model_from_checkpoint(second.checkpoint_path)
     config = TrainConfig.from_dict(state["config"])
-    shardset = open_shardset(trained["data"])
-    _, dev = evaluate_split(model, shardset, "dev", config)       # one process, every frame
+    index = open_shardset(trained["data"])
+    mean = index.train_mean()
+    _, dev = evaluate_split(model, index, "dev", config, mean)     # one process, every frame
     assert dev["n_videos"] == 3
     assert math.isclose(dev["rmse"], state["metrics"]["dev_rmse"], rel_tol=1e-5, abs_tol=1e-4)
     assert math.isclose(dev["mae"], state["metrics"]["dev_mae"], rel_tol=1e-5, abs_tol=1e-4)
     assert math.isclose(dev["rmse"], second.best_dev_rmse, rel_tol=1e-5, abs_tol=1e-4)
-    _, test = evaluate_split(model, shardset, "test", config)
+    _, test = evaluate_split(model, index, "test", config, mean)
     assert math.isclose(test["rmse"], second.test_rmse, rel_tol=1e-5, abs_tol=1e-4)
     assert second.baseline_test_rmse is not None and second.baseline_test_mae is not None
 
@@ -335,3 +342,41 @@ def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, 
         mlflow.set_tracking_uri(None)
     assert scores.shape == (2,)
     assert not (tmp_path / "mlartifacts").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# AVEC scoring rules: every labelled dev/test video is predicted; a run that diverges ends cleanly
+
+
+def test_videos_without_faces_are_scored_with_the_training_mean(tmp_path):
+    root = write_synthetic_shardset(str(tmp_path / "synth"), {"train": 3, "dev": 2, "test": 2}, frames_per_video=4,
+                                    size=SIZE, no_face={"dev": 1, "test": 2})
+    index = open_shardset(root)
+    config = tiny_config(root)
+    model = HMHN(config.model).eval()
+    mean = index.train_mean()
+    predictions, metrics = evaluate_split(model, index, "test", config, mean)
+    assert metrics["n_videos"] == 4 and metrics["n_videos_fallback"] == 2       # AVEC: all videos count
+    assert metrics["fallback_videos"] == ["test_noface_000", "test_noface_001"]
+    assert all(predictions[v] == mean for v in metrics["fallback_videos"])
+    truth = index.labels("test")
+    expected = math.sqrt(np.mean([(predictions[v] - truth[v]) ** 2 for v in truth]))
+    assert math.isclose(metrics["rmse"], expected, rel_tol=1e-9)
+    _, dev = evaluate_split(model, index, "dev", config, mean)
+    assert dev["n_videos"] == 3 and dev["n_videos_fallback"] == 1
+
+
+def test_a_diverging_run_ends_with_its_last_good_checkpoint(ray_session, shard_root, mlflow_store, tmp_path,
+                                                           monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv(NAN_ENV, "2")  # the loss turns NaN from epoch 2 on
+    result = run_training(tiny_config(shard_root, run_name="nan-run", workers=1, epochs=3, register=False,
+                                      storage_path=str(tmp_path / "ray_results")))
+    assert result.diverged_at_epoch == 2 and result.epochs_run == [1]
+    assert result.best_epoch == 1 and math.isfinite(result.best_dev_rmse)
+    state = model_from_checkpoint(result.checkpoint_path)[1]
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
+    run = MlflowClient(mlflow_store).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["diverged_at_epoch"] == "2"
