@@ -23,7 +23,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 from hmhn import HMHNConfig, LossConfig  # noqa: E402
-from hmhn.train import TrainConfig, run_training  # noqa: E402
+from hmhn.train import TrainConfig, TrainingDiverged, run_training  # noqa: E402
 from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
 
 
@@ -47,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data is required (the shard set: OUTPUT/<preprocess_version>/ of preprocessing)")
     try:
         result = run_training(config)
-    except ValueError as exc:  # bad data / options: a message, not a traceback
+    except (ValueError, TrainingDiverged) as exc:  # bad data / options / a run that diverged: a message
         raise SystemExit(f"error: {exc}") from exc
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"run {result.run_name} (MLflow run {result.run_id}); model {result.model_uri or 'not registered'}"
           f"{' -> champion' if result.champion_moved else ''}")
     print(f"best epoch {result.best_epoch}: dev RMSE {fmt(result.best_dev_rmse)} MAE {fmt(result.best_dev_mae)}")
+    if result.diverged_at_epoch:
+        print(f"training diverged at epoch {result.diverged_at_epoch}: the model is the last good epoch's")
+    if any(result.n_videos_fallback.values()):
+        print("videos without a usable face, scored with the training mean: "
+              + ", ".join(f"{split} {n}" for split, n in result.n_videos_fallback.items()))
     print(f"test RMSE {fmt(result.test_rmse)} MAE {fmt(result.test_mae)}   "
           f"(predict-the-training-mean baseline: RMSE {fmt(result.baseline_test_rmse)} "
           f"MAE {fmt(result.baseline_test_mae)})")
