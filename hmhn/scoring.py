@@ -319,8 +319,10 @@ def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) 
     manifest, dataset = build_manifest(config)
     workdir = config.workdir or tempfile.mkdtemp(prefix="hmhn-score-")
     try:
+        # The model's preprocessing, with this run's input: not training's labels folder or split policy.
         preprocess = preprocess_config_from_dict(stored, dataset=dataset, input=",".join(config.input),
-                                                 output=workdir, num_detect_actors=0, limit=0)
+                                                 output=workdir, num_detect_actors=0, limit=0, labels="",
+                                                 split_policy="", split_seed=0)
         expected = stored.get("preprocess_version")
         if expected and preprocess_version(preprocess) != expected:
             raise ScoringError(f"the model's preprocessing (version {expected}) cannot be reproduced by this code "

@@ -330,3 +330,35 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "another preprocessing run is writing" in proc.stderr and "--force-unlock" in proc.stderr
     assert not list(Path(shard_set_path(config)).glob("shards/*"))
+
+
+def test_avec2014_distribution_keeps_its_official_partitions(ray_session, videos, tmp_path):
+    """The AVEC2014 tree as unpacked (subjects recurring across partitions, labels where AVEC puts
+    them, a recording without a label): every video in its official split with its label, the
+    recurrence reported in the log and the summary; a rerun asking for another split policy on the
+    same output is refused (done videos would keep their old split)."""
+    import shutil
+
+    from pipeline.shardset import ShardSetError
+    from tests.avec_fixtures import RECURRING_SUBJECTS, build_avec2014_tree
+
+    root, good, _ = videos
+    expected = build_avec2014_tree(tmp_path / "AVEC2014", lambda path: shutil.copyfile(good["good0"], path))
+    lines: list[str] = []
+    config = PreprocessConfig(dataset="avec2014", input=str(tmp_path / "AVEC2014"), output=str(tmp_path / "out"),
+                              sampling=FAST_SAMPLING)
+    summary = run_preprocess(config, printer=lines.append)
+    assert summary["ok"] == len(expected)
+    status = _status(summary["shard_set"])
+    for video_id, (split, label, task) in expected.items():
+        row = status[video_id]
+        assert (row["split"], row["task"]) == (split, task)
+        assert (row["label"] is None and label is None) or row["label"] == pytest.approx(label)
+    recurring = summary["manifest"]["recurring_subjects"]
+    assert recurring["count"] == len(RECURRING_SUBJECTS) and set(recurring["subject_ids"]) == set(RECURRING_SUBJECTS)
+    assert any("recur" in line and "203" in line for line in lines)
+    assert summary["manifest"]["unlabelled_video_ids"]
+    with pytest.raises(ShardSetError, match="split_policy"):
+        run_preprocess(PreprocessConfig(dataset="avec2014", input=str(tmp_path / "AVEC2014"),
+                                        output=str(tmp_path / "out"), sampling=FAST_SAMPLING,
+                                        split_policy="subject-disjoint"))
