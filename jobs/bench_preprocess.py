@@ -129,9 +129,9 @@ def tree_rss_bytes(root_pid: int) -> int:
 def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int) -> dict:
     """Child process: the real pipeline on a fresh local Ray with `cpus` CPUs; peak tree RSS."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from pipeline.preprocess import PreprocessConfig, run_preprocess
+    from pipeline.shardset import ShardIndex
     from pipeline.ray_utils import init_ray
     from pipeline.schema import MANIFEST_SCHEMA
 
@@ -160,7 +160,7 @@ def run_pipeline_once(demo_dir: Path, n_videos: int, cpus: int) -> dict:
         summary = run_preprocess(config, manifest=pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA),
                                  printer=lambda *_: None)
         seconds = time.perf_counter() - tic
-        status = pq.read_table(f"{summary['shard_set']}/index.parquet").to_pylist()
+        status = ShardIndex.load(summary["shard_set"], columns=["frames_decoded", "committed_ns"]).table.to_pylist()
     stop.set()
     thread.join()
     frames = summary["this_run"]["frames_decoded"]

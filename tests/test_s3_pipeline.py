@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -258,7 +257,7 @@ def test_killed_run_on_s3_resumes_with_every_video_exactly_once(s3_server, astro
     s3 = s3_server
     prefix = f"kill-{uuid.uuid4().hex[:8]}"
     splits = ["train"] * 8
-    manifest, rows = _upload_videos(s3, prefix, astronaut_rgb, tmp_path, splits, seconds=2.0)
+    manifest, rows = _upload_videos(s3, prefix, astronaut_rgb, tmp_path, splits)
     output = s3.uri(f"{prefix}/faces")
     config = PreprocessConfig(dataset="csv", input=manifest, output=output, sampling=FAST_SAMPLING,
                               align=AlignConfig(size=SIZE), num_detect_actors=1, videos_per_task=1, commit_every=1)
@@ -286,7 +285,14 @@ def test_killed_run_on_s3_resumes_with_every_video_exactly_once(s3_server, astro
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     first_output = proc.stdout.read()
-    time.sleep(1.0)  # let anything the killed processes still had in flight land (it must not count)
+    # Ray's worker processes have process groups of their own and exit once their raylet is gone: wait
+    # until the listing of shards/ stops changing, so that no straggler lands after the rerun's cleanup.
+    listing, stable_since, deadline = _shard_keys(s3, shard_set), time.time(), time.time() + 60
+    while time.time() - stable_since < 2.0 and time.time() < deadline:
+        time.sleep(0.25)
+        now = _shard_keys(s3, shard_set)
+        if now != listing:
+            listing, stable_since = now, time.time()
     committed = read_log(shard_set)  # through pipeline.shardset, on the s3 URI
     n_committed = committed.num_rows
     assert 0 < n_committed < len(rows), f"kill came too late to test a resume ({n_committed} committed)\n{first_output}"
