@@ -335,7 +335,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     out_uri = shard_set_path(config)
     config_doc = {"preprocess_version": preprocess_version(config), "format_version": FORMAT_VERSION,
                   "config": dataclasses.asdict(config)}
-    with RunLock(out_uri, stale_s=config.lock_stale_s, force=config.force_unlock) as lock:
+    with RunLock(out_uri, stale_s=config.lock_stale_s, force=config.force_unlock):
         _check_split_policy(out_uri, config)
         write_json(out_uri, CONFIG_FILE, config_doc)
         committed = read_log(out_uri, ["video_id", "status", "file"])
@@ -347,7 +347,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
                 f"done, {todo.num_rows} to process -> {out_uri}"
                 + (f" ({removed} unreferenced shard files of an earlier run deleted)" if removed else ""))
         run_id = uuid.uuid4().hex[:12]
-        stats = _run_graph(config, todo, out_uri, run_id, lock, printer, started) if todo.num_rows else {}
+        stats = _run_graph(config, todo, out_uri, run_id, printer, started) if todo.num_rows else {}
         index = write_index(out_uri)
         summary = _summary(out_uri, config_doc, manifest, index, run_id, report, stats, time.time() - started)
         write_json(out_uri, SUMMARY_FILE, summary)
@@ -355,8 +355,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     return summary
 
 
-def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: str, lock: RunLock, printer,
-               started: float) -> dict[str, Any]:
+def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: str, printer, started: float) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -402,7 +401,6 @@ def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: s
         if done.num_rows:
             commit.add_table(done)
             videos += done.num_rows
-        lock.heartbeat()
         if time.time() - last_print >= config.progress_every_s:
             last_print = time.time()
             printer(f"[preprocess] {videos}/{todo.num_rows} videos | {frames} frames decoded | {faces} faces | "

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -358,13 +359,16 @@ class RunLock:
     moment and reads back: two runs starting within that moment are the remaining race.
     """
 
-    def __init__(self, root: str, stale_s: float = 600.0, force: bool = False, settle_s: float = 0.2):
+    def __init__(self, root: str, stale_s: float = 600.0, force: bool = False, settle_s: float = 0.2,
+                 heartbeat_s: float | None = None):
         self.fs, self.base = open_root(root)
         self.path = _join(self.base, LOCK_FILE)
         self.stale_s, self.force, self.settle_s = stale_s, force, settle_s
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(60.0, stale_s / 4)
         self.token = uuid.uuid4().hex
         self.took_over: dict[str, Any] | None = None
-        self._last_beat = 0.0
+        self._stop = threading.Event()
+        self._beater: threading.Thread | None = None
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -378,7 +382,6 @@ class RunLock:
                "heartbeat": time.time(), "stale_after_s": self.stale_s}
         with self.fs.open_output_stream(self.path) as fh:
             fh.write(json.dumps(doc).encode())
-        self._last_beat = time.monotonic()
 
     def acquire(self) -> "RunLock":
         self.fs.create_dir(self.base, recursive=True)
@@ -397,13 +400,26 @@ class RunLock:
         time.sleep(self.settle_s)
         if (self._read() or {}).get("token") != self.token:
             raise LockedError(f"another preprocessing run took the lock of {self.base} at the same moment")
+        # The heartbeat runs on its own thread: a run that waits long for its first result (nodes
+        # still starting, a long video) must not look crashed.
+        self._beater = threading.Thread(target=self._beat, name="shardset-lock-heartbeat", daemon=True)
+        self._beater.start()
         return self
 
-    def heartbeat(self, every_s: float = 60.0) -> None:
-        if time.monotonic() - self._last_beat >= every_s:
-            self._write()
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if (self._read() or {}).get("token") != self.token:
+                    log.warning("the lock of %s was taken over by another run", self.base)
+                    return
+                self._write()
+            except Exception as exc:  # storage hiccup: try again next beat
+                log.warning("lock heartbeat of %s failed: %s", self.base, exc)
 
     def release(self) -> None:
+        self._stop.set()
+        if self._beater is not None:
+            self._beater.join(timeout=10)
         if (self._read() or {}).get("token") == self.token:
             self.fs.delete_file(self.path)
 

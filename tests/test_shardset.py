@@ -129,8 +129,11 @@ def test_run_lock(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_FILE).write_text(json.dumps({"token": "y", "host": socket.gethostname(),
                                                   "pid": int(dead.stdout), "heartbeat": time.time()}))
-    lock = RunLock(root, settle_s=0).acquire()
+    lock = RunLock(root, settle_s=0, heartbeat_s=0.05).acquire()
     assert lock.took_over["token"] == "y"
+    first = json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"]
+    time.sleep(0.3)  # the heartbeat thread keeps a live run's lock fresh while it waits for results
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["heartbeat"] > first
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
 
