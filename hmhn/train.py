@@ -393,7 +393,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                    "train_partition_loss": total_sums[2] / max(total_samples, 1),
                    "dev_rmse": dev["rmse"], "dev_mae": dev["mae"], "lr": lr, "train_samples": total_samples,
                    "samples_per_s": total_samples / max(slowest, 1e-9), "epoch_seconds": slowest,
-                   "best_dev_rmse": best["dev_rmse"], "best_epoch": best["epoch"], "start_epoch": start_epoch}
+                   # the selection so far, on the capped per-epoch evaluation (best_* at the end: every frame)
+                   "selected_dev_rmse": best["dev_rmse"], "best_epoch": best["epoch"], "start_epoch": start_epoch}
         history.append(metrics)
 
         # ---- report (every worker, same number of times); rank 0 attaches the checkpoint
@@ -428,8 +429,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                    for split in ("dev", "test") if index.count(split, with_frames=False)}
     if not master:
         return None
-    final: dict[str, Any] = {"best_epoch": best["epoch"], "best_dev_rmse": best["dev_rmse"],
-                             "best_dev_mae": best["dev_mae"]}
+    # best_<split>_*: the chosen epoch's weights evaluated on every frame (final_eval_frames_per_video)
+    final: dict[str, Any] = {"best_epoch": best["epoch"]}
     for split, (_, m) in predictions.items():
         final.update({f"best_{split}_{k}": v for k, v in m.items() if k.startswith(("rmse", "mae"))})
         final[f"n_videos_fallback_{split}"] = m["n_videos_fallback"]
@@ -611,7 +612,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
     tracking.end_run(tracking_uri, run_id, "FINISHED")
     return TrainingResult(
         run_name=run_name, run_id=run_id, model_uri=model_uri, champion_moved=moved, best_epoch=best_epoch,
-        best_dev_rmse=float(state["metrics"]["dev_rmse"]), best_dev_mae=float(state["metrics"]["dev_mae"]),
+        best_dev_rmse=float(final.get("best_dev_rmse", state["metrics"]["dev_rmse"])),
+        best_dev_mae=float(final.get("best_dev_mae", state["metrics"]["dev_mae"])),
         test_rmse=final.get("best_test_rmse"), test_mae=final.get("best_test_mae"),
         baseline_test_rmse=baseline["rmse"] if baseline else None,
         baseline_test_mae=baseline["mae"] if baseline else None,
