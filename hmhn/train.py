@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metrics, video_scores
+from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metrics
 from hmhn.data import (AUGMENTATIONS, ShardIndex, VideoEntry, check_trainable, iter_eval_batches, open_shardset,
                        owner_rank, train_dataset)
 from hmhn.image import to_model_input

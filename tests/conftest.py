@@ -57,6 +57,20 @@ def moving_pattern_frames(n: int, width: int = 64, height: int = 48, seed: int =
         yield frame
 
 
+def face_frames(face_rgb: np.ndarray, n: int, width: int = 320, height: int = 240):
+    """n frames with the photo scaled into a width x height canvas, drifting a little."""
+    import cv2
+
+    scale = min(width / face_rgb.shape[1], height / face_rgb.shape[0])
+    face = cv2.resize(face_rgb, (int(face_rgb.shape[1] * scale) // 2 * 2, int(face_rgb.shape[0] * scale) // 2 * 2))
+    for i in range(n):
+        canvas = np.full((height, width, 3), 90, np.uint8)
+        dx = max(0, min(width - face.shape[1], (width - face.shape[1]) // 2 + (i % 5) - 2))
+        dy = (height - face.shape[0]) // 2
+        canvas[dy:dy + face.shape[0], dx:dx + face.shape[1]] = face
+        yield canvas
+
+
 @pytest.fixture
 def make_video(tmp_path):
     """make_video(name, n_frames=30, fps=30, width=64, height=48, frames=None) -> Path of a real mp4."""

@@ -22,21 +22,9 @@ import pytest
 from pipeline.decode import SamplingConfig
 from pipeline.preprocess import PreprocessConfig, preprocess_config_from_dict, preprocess_version, run_preprocess
 from pipeline.video_io import write_audio_only, write_mp4
-from tests.conftest import REPO
+from tests.conftest import REPO, face_frames
 
 FAST_SAMPLING = SamplingConfig(mode="fps", fps=5.0, chunk_frames=4)
-
-
-def _face_frames(face_rgb: np.ndarray, n: int, width: int = 320, height: int = 240):
-    """n frames with the photo scaled into a width x height canvas, drifting a little."""
-    scale = min(width / face_rgb.shape[1], height / face_rgb.shape[0])
-    face = cv2.resize(face_rgb, (int(face_rgb.shape[1] * scale) // 2 * 2, int(face_rgb.shape[0] * scale) // 2 * 2))
-    for i in range(n):
-        canvas = np.full((height, width, 3), 90, np.uint8)
-        dx = max(0, min(width - face.shape[1], (width - face.shape[1]) // 2 + (i % 5) - 2))
-        dy = (height - face.shape[0]) // 2
-        canvas[dy:dy + face.shape[0], dx:dx + face.shape[1]] = face
-        yield canvas
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -70,13 +58,13 @@ def videos(tmp_path_factory, astronaut_rgb, t1_rgb):
     good = {}
     for i in range(3):
         path = root / f"good{i}.mp4"
-        write_mp4(path, _face_frames(astronaut_rgb if i != 1 else np.fliplr(astronaut_rgb).copy(), 30))
+        write_mp4(path, face_frames(astronaut_rgb if i != 1 else np.fliplr(astronaut_rgb).copy(), 30))
         good[f"good{i}"] = path
     bad = {}
     (root / "zero.mp4").write_bytes(b"")
     bad["zero_byte"] = root / "zero.mp4"
     full = root / "full.mp4"
-    write_mp4(full, _face_frames(astronaut_rgb, 60))
+    write_mp4(full, face_frames(astronaut_rgb, 60))
     data = full.read_bytes()
     (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
     bad["truncated"] = root / "truncated.mp4"
@@ -86,9 +74,9 @@ def videos(tmp_path_factory, astronaut_rgb, t1_rgb):
     bad["audio_only"] = root / "audio.mp4"
     write_mp4(root / "noface.mp4", (np.full((240, 320, 3), 40 + 4 * i, np.uint8) for i in range(30)))
     bad["no_face"] = root / "noface.mp4"
-    write_mp4(root / "group.mp4", _face_frames(t1_rgb, 10, 640, 444))
+    write_mp4(root / "group.mp4", face_frames(t1_rgb, 10, 640, 444))
     bad["several_faces"] = root / "group.mp4"
-    write_mp4(root / "oneframe.mp4", _face_frames(astronaut_rgb, 1))
+    write_mp4(root / "oneframe.mp4", face_frames(astronaut_rgb, 1))
     bad["one_frame"] = root / "oneframe.mp4"
     write_mp4(root / "huge.mp4", (np.zeros((2304, 4096, 3), np.uint8) for _ in range(1)))
     bad["huge_frame"] = root / "huge.mp4"

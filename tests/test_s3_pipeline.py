@@ -35,7 +35,7 @@ from pipeline.align import AlignConfig
 from pipeline.decode import SamplingConfig
 from pipeline.preprocess import PreprocessConfig, preprocess_version, run_preprocess
 from pipeline.storage import resolve_filesystem
-from tests.conftest import REPO
+from tests.conftest import REPO, face_frames
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -46,18 +46,6 @@ MODEL_NAME = "hmhn-s3"
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _face_frames(face_rgb: np.ndarray, n: int, width: int = 320, height: int = 240):
-    """n frames with the photo scaled into a width x height canvas, drifting a little."""
-    scale = min(width / face_rgb.shape[1], height / face_rgb.shape[0])
-    face = cv2.resize(face_rgb, (int(face_rgb.shape[1] * scale) // 2 * 2, int(face_rgb.shape[0] * scale) // 2 * 2))
-    for i in range(n):
-        canvas = np.full((height, width, 3), 90, np.uint8)
-        dx = max(0, min(width - face.shape[1], (width - face.shape[1]) // 2 + (i % 5) - 2))
-        dy = (height - face.shape[0]) // 2
-        canvas[dy:dy + face.shape[0], dx:dx + face.shape[1]] = face
-        yield canvas
 
 
 def _put(uri: str, data: bytes) -> None:
@@ -87,7 +75,7 @@ def _upload_videos(s3, prefix: str, face_rgb: np.ndarray, tmp_dir, splits: list[
     rows = []
     for i, split in enumerate(splits):
         local = tmp_dir / f"clip{i}.mp4"
-        write_mp4(local, _face_frames(variants[i % 2], int(round(30 * seconds))))
+        write_mp4(local, face_frames(variants[i % 2], int(round(30 * seconds))))
         uri = s3.uri(f"{prefix}/videos/clip{i}.mp4")
         _put(uri, local.read_bytes())
         rows.append({"video_id": f"clip{i}", "subject_id": f"subj{i}", "split": split, "label": (5 + 9 * i) % 64,
