@@ -140,11 +140,12 @@ def train_dataset(root: str, train_videos: int, frames_per_video: int, input_siz
     parallelism: blocks of up to VIDEOS_PER_TASK videos, at least one block per video for small sets.
     """
     import ray.data
+    from ray.data.expressions import col
 
     fs, base = open_root(root)
     blocks = max(1, min(train_videos, max(64, math.ceil(train_videos / VIDEOS_PER_TASK))))
     ds = (ray.data.read_parquet(f"{base}/{INDEX_FILE}", filesystem=fs, columns=INDEX_COLUMNS, num_cpus=num_cpus)
-          .filter(expr="split == 'train' and status == 'ok' and faces_kept > 0")
+          .filter(expr=(col("split") == "train") & (col("status") == "ok") & (col("faces_kept") > 0))
           .repartition(blocks))
     # A new block order every epoch (seedless); num_cpus < 1 so the data pipeline keeps running
     # next to training workers on a small machine (ENVIRONMENT.md).

@@ -12,7 +12,9 @@ HMHNScorer (clamped 0..63 per frame, as in training's evaluation) and videos are
 hmhn.video_scores.
 
 Face crops and per-video scores are health data: the only outputs are the CSV the user asked for
-and, with explain_dir, attention-map pictures; stdout gets counts, never scores or faces.
+and, with explain_dir, attention-map pictures; stdout gets counts, never scores or faces. Printed
+lines show URIs redacted (pipeline.storage.redact_uri); URIs with credentials are refused by
+ScoringConfig.
 """
 from __future__ import annotations
 
@@ -85,6 +87,12 @@ class ScoringConfig:
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {self.aggregate!r}")
         if self.batch_size < 1 or self.num_actors < 0 or self.explain_videos < 0 or self.explain_faces < 1:
             raise ValueError("batch_size and explain_faces must be >= 1, num_actors and explain_videos >= 0")
+        from pipeline.storage import check_no_credentials
+
+        for name in ("model", "output", "workdir", "mlflow_uri", "explain_dir"):  # CredentialsInURIError: ValueError
+            check_no_credentials(getattr(self, name), "--" + name.replace("_", "-"))
+        for item in self.input:
+            check_no_credentials(item, "--input")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +318,10 @@ def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) 
 
     from hmhn.serving import load_scoring_model
     from pipeline.preprocess import preprocess_config_from_dict, preprocess_version, run_preprocess
+    from pipeline.storage import redacting_printer
 
     started = time.time()
+    printer = redacting_printer(printer)
     if config.mlflow_uri:
         mlflow.set_tracking_uri(config.mlflow_uri)
         mlflow.set_registry_uri(config.mlflow_uri)

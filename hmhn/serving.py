@@ -6,13 +6,21 @@
          -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ...]}}'
     -> {"predictions": [{"score": 17.3, "severity": "mild"}, ...]}
 
-The logged model directory holds everything needed to score, and nothing else:
+The model is logged in MLflow's models-from-code form: no Python object is pickled. The logged
+directory holds everything needed to score, and nothing else:
 
+    scoring_model.py                   hmhn/scoring_model.py: MLflow runs it at load time; it calls
+                                       mlflow.models.set_model(HMHNPyfuncModel())
+    MLmodel                            python_function flavor with `model_code_path` and loader
+                                       mlflow.pyfunc.loaders.code_model (no python_model.pkl)
     artifacts/weights.pt               HMHN state_dict (CPU tensors; loaded with weights_only=True)
     artifacts/hmhn_config.json         HMHNConfig as JSON (rebuilds the architecture)
-    artifacts/preprocess_config.json   the shard set's config.json: the exact preprocessing the model
-                                       was trained on, which batch scoring (hmhn.scoring) re-runs
+    artifacts/preprocess_config.json   the shard set's config.json (URIs redacted): the exact
+                                       preprocessing the model was trained on, which batch scoring
+                                       (hmhn.scoring) re-runs
     code/hmhn, code/pipeline           the project's .py files (code_paths), so it loads anywhere
+
+A scoring server can then run with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 
 Why a state_dict and not MLflow's pt2 (torch.export) flavour: batch scoring and the attention-map
 explainer need the real `HMHN` module (attention maps, any device, bf16 autocast), and a state_dict
@@ -53,6 +61,8 @@ HMHN_CONFIG_ARTIFACT = "hmhn_config"
 PREPROCESS_CONFIG_ARTIFACT = "preprocess_config"
 ARTIFACT_FILES = {WEIGHTS_ARTIFACT: "weights.pt", HMHN_CONFIG_ARTIFACT: "hmhn_config.json",
                   PREPROCESS_CONFIG_ARTIFACT: "preprocess_config.json"}
+# The models-from-code entry point: a file that calls mlflow.models.set_model(HMHNPyfuncModel()).
+MODEL_CODE_FILE = Path(__file__).resolve().with_name("scoring_model.py")
 # One request is decoded and scored in memory: bound it (a 224 px crop is ~600 KB as float32).
 MAX_IMAGES_PER_REQUEST = 1024
 INFERENCE_BATCH = 64
@@ -123,6 +133,8 @@ def log_scoring_model(model: HMHN, *, name: str = "model", preprocess_config: di
     registered_model_name: also register it (ModelInfo.registered_model_version says which version);
     the version gets tags `preprocess_version` and `input_size`.
     extra_tags: tags of the logged model (and of the registered version).
+    The model is logged from code (MODEL_CODE_FILE) with the weights and configs as artifacts;
+    preprocess_config and the tags are stored with URIs redacted (pipeline.storage.redact).
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_scoring_model logs into the active MLflow run: call it inside mlflow.start_run()")
@@ -134,9 +146,12 @@ def log_scoring_model(model: HMHN, *, name: str = "model", preprocess_config: di
     if not isinstance(preprocess_config, dict) or "config" not in preprocess_config:
         raise ValueError("preprocess_config must be the shard set's config.json content "
                          "({'preprocess_version': ..., 'config': {...}})")
+    from pipeline.storage import redact, redact_uri
+
+    preprocess_config = redact(preprocess_config)
     version = str(preprocess_config.get("preprocess_version", ""))
     tags = {"preprocess_version": version, "input_size": str(input_size), **(extra_tags or {})}
-    tags = {str(k): str(v) for k, v in tags.items()}
+    tags = {str(k): redact_uri(str(v)) for k, v in tags.items()}
 
     with tempfile.TemporaryDirectory(prefix="hmhn-model-") as tmp:
         folder = Path(tmp)
@@ -151,7 +166,7 @@ def log_scoring_model(model: HMHN, *, name: str = "model", preprocess_config: di
             warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=HMHNPyfuncModel(),
+                python_model=str(MODEL_CODE_FILE),  # models-from-code: nothing pickled
                 artifacts={key: str(folder / file) for key, file in ARTIFACT_FILES.items()},
                 code_paths=code_paths,
                 signature=_signature(),
@@ -179,7 +194,8 @@ def _model_from_files(weights_path: str, config_path: str, device: str = "cpu") 
 def load_scoring_model(model_uri: str, device: str = "cpu") -> tuple[HMHN, dict[str, Any], int]:
     """(HMHN in eval mode, preprocess_config dict, input_size) of a model logged by log_scoring_model.
 
-    Reads the artifacts directly (no pyfunc wrapper): batch scoring then runs plain torch.
+    Reads the artifacts directly (no pyfunc wrapper, no code of the model folder runs, nothing is
+    unpickled - the weights load with weights_only=True): batch scoring then runs plain torch.
     model_uri: anything MLflow resolves, e.g. models:/hmhn@champion, runs:/<run_id>/model, a local folder.
     """
     from mlflow.artifacts import download_artifacts

@@ -8,18 +8,35 @@ Who does what:
 
 Face crops are health data: nothing here logs an image of a face unless the caller asked for
 attention maps explicitly (TrainConfig.log_attention_maps).
+
+Secrets: every param, tag and text artifact goes through pipeline.storage.redact_uri here, in
+RunLogger and at registration (a data or storage URI may carry a token in its query string), and a
+tracking URI with credentials in it (http://user:password@host) is refused: MLflow takes them from
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.
+
+The registry: training registers each model as a new version with the alias `candidate`; moving
+`champion` is a separate, deliberate step (`promote`, jobs/promote.py) that compares the two and is
+safe against concurrent promotions (see `promote`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import logging
 import math
 import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
+
+from pipeline.storage import check_no_credentials, redact, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +51,10 @@ def resolve_tracking_uri(explicit: str = "") -> str:
     """--mlflow-uri, else MLFLOW_TRACKING_URI, else a local sqlite store in the working directory.
 
     A relative sqlite path is made absolute: Ray workers run in other working directories.
+    Raises pipeline.storage.CredentialsInURIError (a ValueError) for a URI with credentials in it.
     """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    check_no_credentials(uri, "--mlflow-uri" if explicit else "MLFLOW_TRACKING_URI")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and uri != "sqlite:///:memory:":
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri
@@ -76,7 +95,8 @@ def start_or_resume_run(tracking_uri: str, experiment: str, run_name: str, tags:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={RUN_NAME_TAG: run_name, **{k: redact_uri(v) for k, v in tags.items()}})
     return run.info.run_id, False
 
 
@@ -100,7 +120,11 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class RunLogger:
-    """Rank 0's handle on the driver's run: an MlflowClient plus the run_id."""
+    """Rank 0's handle on the driver's run: an MlflowClient plus the run_id.
+
+    Params, tags and text artifacts are stored redacted (pipeline.storage.redact_uri): a config
+    logged whole (data, storage_path, mlflow_uri, ...) never puts a URI's secret into MLflow.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
@@ -112,7 +136,7 @@ class RunLogger:
         --epochs to resume) records the new value as tag `changed.<param>` instead of failing."""
         from mlflow.entities import Param, RunTag
 
-        flat = flatten(params)
+        flat = {k: redact_uri(v) for k, v in flatten(params).items()}
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
         changed = [RunTag(f"changed.{k}", v[:5000]) for k, v in flat.items() if k in existing and existing[k] != v]
@@ -133,13 +157,13 @@ class RunLogger:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact_uri(str(v))[:5000]) for k, v in tags.items()])
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.client.log_text(self.run_id, redact_uri(text), artifact_file)
 
     def start_system_metrics(self) -> str:
         """MLflow's system metrics (CPU/GPU/memory) need psutil (and pynvml for GPUs); skip without them."""
@@ -207,46 +231,255 @@ def scatter_figure(rows: list[dict[str, Any]], title: str):
 # Model logging and the registry
 
 
-def champion_dev_rmse(tracking_uri: str, name: str) -> tuple[str | None, float | None]:
-    """(version, dev RMSE) of the current champion; (None, None) when there is none.
+class PromotionError(ValueError):
+    """Promotion cannot be decided: no such model / version / alias, or the candidate has no metric."""
 
-    dev RMSE comes from the version's `dev_rmse` tag, else from its run's `best_dev_rmse` metric.
+
+class PromotionBusy(RuntimeError):
+    """Another promotion of the same model held the lock for longer than we were willing to wait."""
+
+
+@dataclass
+class PromotionResult:
+    moved: bool                      # champion now points at `version` because of this call
+    model_name: str
+    version: str                     # the candidate that was considered
+    champion_before: str | None      # champion version when the decision was taken (under the lock)
+    champion_after: str | None       # champion version when this call returned
+    metric: str
+    candidate_value: float
+    champion_value: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def version_metric(client, version, metric: str = DEV_RMSE_TAG) -> float | None:
+    """A model version's `metric`: its version tag of that name (set at registration), else its run's
+    metric `best_<metric>`, else the run's metric `<metric>`; None when unknown."""
+    if metric in version.tags:
+        try:
+            return float(version.tags[metric])
+        except ValueError:
+            return None
+    if version.run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            metrics = client.get_run(version.run_id).data.metrics
+        except MlflowException:  # the run was deleted
+            return None
+        for key in (f"best_{metric}", metric):
+            if key in metrics:
+                return float(metrics[key])
+    return None
+
+
+def champion_dev_rmse(tracking_uri: str, name: str) -> tuple[str | None, float | None]:
+    """(version, dev RMSE) of the current champion; (None, None) when there is none."""
+    client = _client(tracking_uri)
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None:
+        return None, None
+    return str(champion.version), version_metric(client, champion, DEV_RMSE_TAG)
+
+
+def register_candidate(tracking_uri: str, name: str, version: str, dev_rmse: float) -> None:
+    """What training does with a new version: tag its dev RMSE and give it the alias `candidate`.
+
+    `champion` is never touched here: see `promote`. Dev RMSEs are only comparable on the same dev
+    split: keep one registered model name per data set / preprocessing.
+    """
+    client = _client(tracking_uri)
+    client.set_model_version_tag(name, str(version), DEV_RMSE_TAG, repr(float(dev_rmse)))
+    client.set_registered_model_alias(name, CANDIDATE, str(version))
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such model or alias
+        return None
+
+
+PROMOTION_LOCK_SUFFIX = ".promotion-lock"
+LOCK_TOKEN_TAG, LOCK_EXPIRES_TAG, LOCK_HOLDER_TAG = "hmhn.lock_token", "hmhn.lock_expires_at", "hmhn.lock_holder"
+
+
+class _Lease:
+    """The promotion lock of one registered model, held as long as `<name>.promotion-lock` exists
+    with our token (see `promote` for why a registered model)."""
+
+    def __init__(self, client, name: str, lease_s: float):
+        self.client, self.lock_name, self.lease_s = client, name + PROMOTION_LOCK_SUFFIX, lease_s
+        self.token = uuid.uuid4().hex
+
+    def _read(self) -> tuple[str, float] | None:
+        """(token, expires_at) of the current lock; None when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(self.lock_name)
+        except MlflowException:
+            return None
+        tags = model.tags or {}
+        default_expiry = (model.creation_timestamp or 0) / 1000 + self.lease_s
+        try:
+            expires = float(tags.get(LOCK_EXPIRES_TAG, default_expiry))
+        except ValueError:
+            expires = default_expiry
+        return tags.get(LOCK_TOKEN_TAG, ""), expires
+
+    def try_acquire(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                self.lock_name,
+                tags={LOCK_TOKEN_TAG: self.token, LOCK_EXPIRES_TAG: f"{time.time() + self.lease_s:.3f}",
+                      LOCK_HOLDER_TAG: f"{socket.gethostname()} pid {os.getpid()}"},
+                description="Held by hmhn.tracking.promote while it moves the champion alias; deleted when it is "
+                            f"done. Safe to delete by hand once {LOCK_EXPIRES_TAG} (epoch seconds) has passed.")
+            return True
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return False
+
+    def break_if_expired(self) -> bool:
+        """Delete a lock whose lease expired (its holder died); True when one was removed."""
+        held = self._read()
+        if held is None or held[1] > time.time():
+            return False
+        log.warning("promotion lock %s expired (holder token %s...); taking it over", self.lock_name, held[0][:8])
+        return self._delete_if(held[0])
+
+    def still_held(self) -> bool:
+        held = self._read()
+        return held is not None and held[0] == self.token and held[1] > time.time()
+
+    def release(self) -> None:
+        self._delete_if(self.token)
+
+    def _delete_if(self, token: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        held = self._read()
+        if held is None or held[0] != token:
+            return False
+        try:
+            self.client.delete_registered_model(self.lock_name)
+            return True
+        except MlflowException:  # already gone
+            return False
+
+
+@contextlib.contextmanager
+def promotion_lock(client, name: str, timeout_s: float = 120.0, lease_s: float = 300.0,
+                   poll_s: float = 0.25) -> Iterator[_Lease]:
+    """Hold the promotion lock of registered model `name` (waits up to timeout_s; PromotionBusy after)."""
+    lease = _Lease(client, name, lease_s)
+    deadline = time.monotonic() + timeout_s
+    while not lease.try_acquire():
+        if lease.break_if_expired():
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionBusy(f"another promotion of {name!r} holds the lock {lease.lock_name!r} (waited "
+                                f"{timeout_s:g} s); retry later, or delete that registered model if its holder "
+                                f"died and you cannot wait for its lease ({lease_s:g} s) to expire")
+        time.sleep(poll_s * (0.5 + random.random()))  # jitter: waiting promoters do not retry in lockstep
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def promote(tracking_uri: str, name: str, version: str | None = None, alias: str = CANDIDATE,
+            metric: str = DEV_RMSE_TAG, higher_is_better: bool = False, lock_timeout_s: float = 120.0,
+            lease_s: float = 300.0) -> PromotionResult:
+    """Move alias `champion` of registered model `name` to a candidate only if it beats the champion.
+
+    The candidate is `version`, else the version holding `alias` (default `candidate`). Its `metric`
+    (default dev_rmse, lower is better; see version_metric) is compared with the champion's:
+    * no champion yet -> it becomes champion;
+    * strictly better -> champion moves; a tie or worse -> champion kept;
+    * a champion whose metric is unknown (e.g. set by hand) is kept: we cannot show we are better.
+    Raises PromotionError when the model, version or alias does not exist or the candidate has no
+    metric, PromotionBusy when another promotion holds the lock for longer than lock_timeout_s.
+
+    Concurrency guarantee. MLflow has no transactions, but creating a registered model is atomic:
+    the registry refuses a second model of the same name (primary key; RESOURCE_ALREADY_EXISTS
+    through a tracking server). So a promoter first creates the registered model
+    `<name>.promotion-lock` carrying a random token and a lease expiry; whoever creates it holds the
+    lock, the others poll until it is deleted. Under the lock it reads the champion, compares, checks
+    that its lease is still its own and unexpired, moves the alias and reads it back. Promotions of
+    one model therefore run one after the other: two concurrent promotions end exactly as if run in
+    sequence - the better candidate is champion, and each call reports truthfully what it did (the
+    second sees the first's result as the champion it compares with). Never a worse candidate over a
+    better one, never a champion without a known metric replaced.
+    Limits: a lock whose holder died is taken over once its lease (lease_s) has expired; a holder
+    stalled past its own lease between its lease check and the move (one API call) could still move
+    after a take-over. Anything that moves `champion` without this function (the UI, another tool)
+    bypasses the lock. Metrics are compared as logged: keep one registered model per dev split.
     """
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no registered model, or no champion alias yet
-        return None, None
-    if DEV_RMSE_TAG in champion.tags:
-        return champion.version, float(champion.tags[DEV_RMSE_TAG])
-    if champion.run_id:
-        metric = client.get_run(champion.run_id).data.metrics.get("best_dev_rmse")
-        if metric is not None:
-            return champion.version, float(metric)
-    return champion.version, None
+        client.get_registered_model(name)
+    except MlflowException:
+        raise PromotionError(f"no registered model {name!r} in {redact_uri(tracking_uri)}") from None
+    if version is not None:
+        try:
+            candidate = client.get_model_version(name, str(version))
+        except MlflowException:
+            raise PromotionError(f"registered model {name!r} has no version {version}") from None
+    else:
+        candidate = _alias_version(client, name, alias)
+        if candidate is None:
+            raise PromotionError(f"registered model {name!r} has no alias {alias!r}")
+    value = version_metric(client, candidate, metric)
+    if value is None or not math.isfinite(value):
+        raise PromotionError(f"version {candidate.version} of {name!r} has no {metric!r} (version tag, or run "
+                             f"metric best_{metric} / {metric}): nothing to compare")
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
 
-
-def promote(tracking_uri: str, name: str, version: str, dev_rmse: float) -> bool:
-    """Give `version` the alias `candidate`; move `champion` to it only if it beats the champion's dev RMSE.
-
-    A champion whose dev RMSE is unknown (e.g. set by hand) is kept: we cannot show we are better.
-    Returns whether champion moved. Dev RMSEs are only comparable on the same dev split: keep one
-    registered model name per data set / preprocessing.
-    """
-    client = _client(tracking_uri)
-    client.set_model_version_tag(name, version, DEV_RMSE_TAG, repr(float(dev_rmse)))
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    champion_version, champion_rmse = champion_dev_rmse(tracking_uri, name)
-    if champion_version == str(version):
-        return False
-    if champion_version is None or (champion_rmse is not None and dev_rmse < champion_rmse):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return True
-    if champion_rmse is None:
-        log.warning("champion of %s (version %s) has no known dev RMSE; leaving it in place", name, champion_version)
-    return False
+    with promotion_lock(client, name, lock_timeout_s, lease_s) as lease:
+        champion = _alias_version(client, name, CHAMPION)
+        before = str(champion.version) if champion else None
+        champion_value = version_metric(client, champion, metric) if champion else None
+        if champion is None:
+            move, reason = True, "no champion yet"
+        elif before == str(candidate.version):
+            move, reason = False, f"version {candidate.version} already is the champion"
+        elif champion_value is None:
+            move, reason = False, (f"the champion (version {before}) has no known {metric}: kept (we cannot show "
+                                   "the candidate is better; set its tag or move the alias by hand)")
+        elif better(value, champion_value):
+            move, reason = True, f"{metric} {value:.4f} beats the champion's {champion_value:.4f}"
+        else:
+            move, reason = False, f"{metric} {value:.4f} does not beat the champion's {champion_value:.4f}"
+        if move:
+            if not lease.still_held():
+                raise PromotionBusy(f"lost the promotion lock of {name!r} (lease of {lease_s:g} s expired and was "
+                                    "taken over) before moving champion: nothing moved; retry")
+            client.set_registered_model_alias(name, CHAMPION, candidate.version)
+            client.set_model_version_tag(name, candidate.version, "promoted",
+                                         f"champion since {time.strftime('%Y-%m-%dT%H:%M:%S%z')} "
+                                         f"(previous: {before or 'none'}; {reason})")
+        after_version = _alias_version(client, name, CHAMPION)
+        after = str(after_version.version) if after_version else None
+        if move and after != str(candidate.version):  # only possible when someone bypasses the lock
+            raise PromotionBusy(f"champion of {name!r} is version {after} right after moving it to "
+                                f"{candidate.version}: something moved it outside the promotion lock")
+    if champion is not None and champion_value is None and not move and before != str(candidate.version):
+        log.warning("champion of %s (version %s) has no known %s; leaving it in place", name, before, metric)
+    return PromotionResult(moved=move, model_name=name, version=str(candidate.version), champion_before=before,
+                           champion_after=after, metric=metric, candidate_value=value, champion_value=champion_value,
+                           reason=reason)
 
 
 def log_and_register_model(tracking_uri: str, run_id: str, model, model_name: str,
@@ -271,6 +504,8 @@ def log_and_register_model(tracking_uri: str, run_id: str, model, model_name: st
     from hmhn.serving import log_scoring_model
 
     client = _client(tracking_uri)
+    preprocess_config = redact(dict(preprocess_config))  # as stored: a URI's secret never reaches the registry
+    version_tags = {k: redact_uri(str(v)) for k, v in version_tags.items()}
     best_epoch = str(version_tags.get("best_epoch"))
     for version in client.search_model_versions(f"run_id = '{run_id}'"):
         if version.name == model_name and version.tags.get("best_epoch") == best_epoch:

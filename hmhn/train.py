@@ -8,7 +8,11 @@ Two functions carry it, in the style of the Ray Train examples:
   video across all workers, report metrics + a checkpoint (rank 0). At the end it evaluates the
   best weights on dev and test and rank 0 logs the evaluation artifacts.
 * `run_training` - the driver: index the shard set, find or create the MLflow run, size the
-  workers to the cluster, fit, then log + register the best model and move the aliases.
+  workers to the cluster, fit, then log + register the best model as `@candidate`. Moving
+  `@champion` is its own step (jobs/promote.py, hmhn.tracking.promote), or `--promote`.
+
+Nothing secret is stored: URIs in params, tags, the checkpoint's config and the registered model
+are redacted (pipeline.storage.redact_uri), and a URI with credentials is refused at validation.
 
 Resume = rerun with the same run name (Ray Train V2 restores from RunConfig(name, storage_path));
 a worker that dies is restarted from the last checkpoint (FailureConfig.max_failures).
@@ -34,6 +38,7 @@ from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metr
 from hmhn.data import (AUGMENTATIONS, ShardIndex, VideoEntry, check_trainable, iter_eval_batches, open_shardset,
                        owner_rank, train_dataset)
 from hmhn.image import to_model_input
+from pipeline.storage import redact
 
 CHECKPOINT_FILE = "checkpoint.pt"
 KILL_ENV = "HMHN_TEST_KILL_RANK1_AT_EPOCH"  # test-only: rank 1 exits once at this epoch
@@ -80,7 +85,16 @@ class TrainConfig:
                                                           "else sqlite:///mlflow.db + ./mlartifacts)"})
     experiment: str = field(default="hmhn", metadata={"help": "MLflow experiment"})
     model_name: str = field(default="hmhn", metadata={"help": "registered model name"})
-    register: bool = field(default=True, metadata={"help": "log + register the best model, move aliases"})
+    register: bool = field(default=True, metadata={"help": "log + register the best model as a new version "
+                                                            "with the alias candidate"})
+    promote: bool = field(default=False, metadata={"help": "after registering, also move the alias champion to "
+                                                           "the new version if its dev RMSE beats the champion's "
+                                                           "(default off: promotion is its own step, "
+                                                           "jobs/promote.py)"})
+    log_predictions: bool = field(default=True, metadata={
+        "help": "log per-video labels and predictions as MLflow artifacts (evaluation/video_predictions.csv, "
+                "predicted_vs_true.png, fallback_videos.csv); on for research, turn it OFF for clinical "
+                "deployments: then only aggregate metrics go to MLflow"})
     log_attention_maps: bool = field(default=False, metadata={"help": "log per-head attention maps over a few "
                                                                       "dev faces (face images: health data; "
                                                                       "off unless asked for)"})
@@ -102,6 +116,12 @@ class TrainConfig:
         if min(self.cpus_per_worker, self.eval_frames_per_video, self.final_eval_frames_per_video) < 0 \
                 or self.max_failures < -1:
             raise ValueError("cpus_per_worker and the eval frame counts must be >= 0, max_failures >= -1")
+        if self.promote and not self.register:
+            raise ValueError("--promote needs --register (only a registered version can become champion)")
+        from pipeline.storage import check_no_credentials
+
+        for name in ("data", "storage_path", "mlflow_uri", "backbone_checkpoint"):  # CredentialsInURIError: ValueError
+            check_no_credentials(getattr(self, name), "--" + name.replace("_", "-"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +139,7 @@ class TrainingResult:
     run_name: str
     run_id: str                              # MLflow run
     model_uri: str | None                    # models:/NAME/VERSION (None with register=False)
-    champion_moved: bool
+    champion_moved: bool                     # only ever True with TrainConfig.promote
     best_epoch: int
     best_dev_rmse: float
     best_dev_mae: float
@@ -133,6 +153,7 @@ class TrainingResult:
     diverged_at_epoch: int | None = None     # training stopped there (NaN/inf); the model is the last good one
     n_videos_fallback: dict[str, int] = field(default_factory=dict)  # per split: scored with the training mean
     history: list[dict[str, float]] = field(default_factory=list)  # their per-epoch metrics
+    model_version: str | None = None         # the registered version (alias candidate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +426,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                   f"{metrics['samples_per_s']:.1f} samples/s  ({slowest:.1f} s)", flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "epoch": epoch, "config": config.to_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch,
+                            "config": redact(config.to_dict()),  # stored: URIs without their secrets
                             "model_config": dataclasses.asdict(raw_model.config),
                             "preprocess_version": index.preprocess_version,
                             "train_mean": loop["train_mean"], "metrics": metrics, "run_id": loop["run_id"],
@@ -437,13 +459,21 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     logger.log_metrics(final)
     if diverged_at:
         logger.set_tags({"diverged_at_epoch": diverged_at})
-    _log_evaluation_artifacts(logger, index, predictions, loop["run_name"], best["epoch"])
+    log_final_evaluation(logger, config, index, predictions, loop["run_name"], best["epoch"])
     if config.log_attention_maps:
         _log_attention_maps(logger, raw_model, index, config, device)
     logger.stop_system_metrics()
     return {**final, "diverged_at_epoch": diverged_at, "history": history,
             "predictions": {split: p for split, (p, _) in predictions.items()},
             "fallback_videos": {split: m["fallback_videos"] for split, (_, m) in predictions.items()}}
+
+
+def log_final_evaluation(logger, config: TrainConfig, index: ShardIndex, predictions, run_name: str,
+                         best_epoch: int) -> None:
+    """The per-video evaluation artifacts, only with config.log_predictions (labels and predictions of
+    identifiable people: off for clinical deployments; the aggregate metrics are logged either way)."""
+    if config.log_predictions:
+        _log_evaluation_artifacts(logger, index, predictions, run_name, best_epoch)
 
 
 def _log_evaluation_artifacts(logger, index: ShardIndex, predictions, run_name: str, best_epoch: int) -> None:
@@ -518,6 +548,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
 
     if not config.data:
         raise ValueError("no shard set given (--data OUTPUT/<preprocess_version>/)")
+    tracking_uri = tracking.resolve_tracking_uri(config.mlflow_uri)  # refuses credentials, also in the env
     # The driver reads only the index's small columns (columnar: cheap at 10^5 videos) for the checks,
     # the training mean and the sizes; workers and Ray Data read the index themselves.
     index = open_shardset(config.data)
@@ -539,7 +570,6 @@ def run_training(config: TrainConfig) -> TrainingResult:
     data_cpus = round(min(1.0, max(0.1, (total_cpus - cpus_per_worker * config.workers) / 2)), 2)
     run_name = config.run_name or time.strftime("hmhn-%Y%m%d-%H%M%S")
 
-    tracking_uri = tracking.resolve_tracking_uri(config.mlflow_uri)
     run_id, resumed = tracking.start_or_resume_run(
         tracking_uri, config.experiment, run_name,
         {"preprocess_version": index.preprocess_version, "data": config.data})
@@ -590,7 +620,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         print(f"[hmhn] training diverged at epoch {diverged_at}; registering the last good model "
               f"(best epoch {final.get('best_epoch')})", flush=True)
 
-    model_uri, moved = None, False
+    model_uri, model_version, moved = None, None, False
     with best_checkpoint.as_directory() as folder:
         model, state = model_from_checkpoint(folder)
         best_epoch = int(state["epoch"])
@@ -601,8 +631,17 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                                               "config": {}},
                 version_tags={"best_epoch": best_epoch, "training_run": run_name,
                               "aggregation": "mean of frame scores per video"})
-            moved = tracking.promote(tracking_uri, config.model_name, version, float(state["metrics"]["dev_rmse"]))
-            model_uri = f"models:/{config.model_name}/{version}"
+            # The new version becomes @candidate only; @champion moves in its own step (jobs/promote.py)
+            # unless --promote asked for it here.
+            # Its dev RMSE for promotion: the final every-frame evaluation of these weights.
+            dev_rmse = float(final.get("best_dev_rmse", state["metrics"]["dev_rmse"]))
+            tracking.register_candidate(tracking_uri, config.model_name, version, dev_rmse)
+            if config.promote:
+                promotion = tracking.promote(tracking_uri, config.model_name, version=version)
+                moved = promotion.moved
+                print(f"[hmhn] promotion of version {version}: {'champion moved' if moved else 'champion kept'} "
+                      f"({promotion.reason})", flush=True)
+            model_uri, model_version = f"models:/{config.model_name}/{version}", str(version)
     baseline = baseline_metrics(index, "test")
     baseline_dev = baseline_metrics(index, "dev")
     logger = tracking.RunLogger(tracking_uri, run_id)
@@ -620,7 +659,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
         epochs_run=[int(m["epoch"]) for m in history], checkpoint_path=best_checkpoint.path,
         preprocess_version=index.preprocess_version, history=history, diverged_at_epoch=diverged_at,
         n_videos_fallback={k.removeprefix("n_videos_fallback_"): int(v) for k, v in final.items()
-                           if k.startswith("n_videos_fallback_")})
+                           if k.startswith("n_videos_fallback_")}, model_version=model_version)
 
 
 class TrainingDiverged(RuntimeError):

@@ -9,7 +9,10 @@
 The videos are preprocessed with the preprocessing configuration stored with the model (so exactly as
 its training data was), then scored by a Ray Data actor pool. Output columns: video_id, score (BDI-II
 0..63), frames_used, score_std, severity, status (ok / no_face / failed), reason.
-Exit status: 0 when at least one video was scored, 1 when none was, 2 for invalid input or model.
+Exit status: 0 when at least one video was scored, 1 when none was, 2 for invalid input or model
+(also a URI with credentials in it: give them through the environment - AWS_* variables,
+MLFLOW_TRACKING_USERNAME/PASSWORD - or an instance / workload identity). Printed lines show URIs
+redacted.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmhn.scoring import ScoringConfig  # noqa: E402
 from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+from pipeline.storage import install_log_redaction, redact_uri  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,19 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     args = build_parser().parse_args(argv)
-    config = build_config(ScoringConfig, args, load_yaml_defaults(args.config))
+    try:
+        config = build_config(ScoringConfig, args, load_yaml_defaults(args.config))
+    except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
+        if not isinstance(exc.code, str):
+            raise
+        print(f"error: {redact_uri(exc.code)}", file=sys.stderr)
+        return 2
 
     from mlflow.exceptions import MlflowException
 
     from hmhn.scoring import ScoringError, score_videos
     from pipeline.manifest import ManifestError
+    from pipeline.shardset import LockedError, ShardSetError
     from pipeline.storage import StorageError
 
     try:
         table = score_videos(config)
-    except (ScoringError, ManifestError, StorageError, MlflowException) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ScoringError, ManifestError, StorageError, MlflowException, LockedError, ShardSetError) as exc:
+        print(f"error: {redact_uri(exc)}", file=sys.stderr)
         return 2
     if not (table["frames_used"] > 0).any():
         print("error: no video could be scored (see the status and reason columns of the CSV)", file=sys.stderr)

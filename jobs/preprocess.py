@@ -6,8 +6,9 @@
 Runs on the cluster it is submitted to (RAY_ADDRESS), else starts a local Ray sized to this
 machine. Options can also come from a YAML file (`--config`), with sections `sampling:`,
 `detector:` and `align:` for the nested settings. Exit status: 0 when at least one video was
-preprocessed, 1 when every video failed, 2 for an invalid configuration or manifest, or when
-another run holds the output's lock.
+preprocessed, 1 when every video failed, 2 for an invalid configuration or manifest (also a URI
+with credentials in it: give them through the environment or an instance / workload identity), or
+when another run holds the output's lock. Printed lines show URIs redacted.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults 
 from pipeline.decode import SamplingConfig  # noqa: E402
 from pipeline.detect import DetectorConfig  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
+from pipeline.storage import install_log_redaction, redact_uri  # noqa: E402
 
 NESTED = (("sampling", SamplingConfig, "frame sampling and decoding"),
           ("detector", DetectorConfig, "face detection"),
@@ -47,8 +49,15 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)  # SystemExit(2-style message) on invalid values
+    try:
+        config = config_from_args(args)  # before anything starts: no Ray, no storage access
+    except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
+        if not isinstance(exc.code, str):
+            raise
+        print(f"error: {redact_uri(exc.code)}", file=sys.stderr)
+        return 2
 
     from pipeline.manifest import ManifestError
     from pipeline.preprocess import run_preprocess
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_preprocess(config)
     except (ManifestError, StorageError, LockedError, ShardSetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_uri(exc)}", file=sys.stderr)
         return 2
     if summary["ok"] == 0:
         print(f"error: no video was preprocessed successfully ({summary['failed']} failed, "

@@ -6,11 +6,18 @@
 
 Rerun with the same --run-name to resume (e.g. with a larger --epochs). Options can also come from
 a YAML file (--config FILE; keys = option names, model/loss options by their own names).
+
+The new model version gets the alias `candidate`; `champion` moves only through
+jobs/promote.py (or --promote here). Exit status: 0 trained, 1 training failed (bad data,
+divergence), 2 invalid options - among them a URI with credentials in it (--data, --storage-path,
+--mlflow-uri): give them through the environment (AWS_* variables, MLFLOW_TRACKING_USERNAME /
+MLFLOW_TRACKING_PASSWORD) or an instance / workload identity. Printed lines show URIs redacted.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,6 +32,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 from hmhn import HMHNConfig, LossConfig  # noqa: E402
 from hmhn.train import TrainConfig, TrainingDiverged, run_training  # noqa: E402
 from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,34 +42,45 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, HMHNConfig, "model", skip=("initial_score",))  # set from the training mean
     add_config_arguments(parser, LossConfig, "loss")
     args = parser.parse_args(argv)
-    values = load_yaml_defaults(args.config)
-    pick = lambda cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}  # noqa: E731
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__) - set(HMHNConfig.__dataclass_fields__) \
-        - set(LossConfig.__dataclass_fields__)
-    if unknown:
-        raise SystemExit(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
-    config = build_config(TrainConfig, args, pick(TrainConfig),
-                          model=build_config(HMHNConfig, args, pick(HMHNConfig)),
-                          loss=build_config(LossConfig, args, pick(LossConfig)))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    out = redacting_printer(print)
+    try:
+        values = load_yaml_defaults(args.config)
+        pick = lambda cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}  # noqa: E731
+        unknown = set(values) - set(TrainConfig.__dataclass_fields__) - set(HMHNConfig.__dataclass_fields__) \
+            - set(LossConfig.__dataclass_fields__)
+        if unknown:
+            raise SystemExit(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+        # Validated before anything starts (no Ray, no MLflow, no storage access).
+        config = build_config(TrainConfig, args, pick(TrainConfig),
+                              model=build_config(HMHNConfig, args, pick(HMHNConfig)),
+                              loss=build_config(LossConfig, args, pick(LossConfig)))
+    except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
+        if not isinstance(exc.code, str):
+            raise
+        print(f"error: {redact_uri(exc.code)}", file=sys.stderr)
+        return 2
     if not config.data:
         parser.error("--data is required (the shard set: OUTPUT/<preprocess_version>/ of preprocessing)")
     try:
         result = run_training(config)
     except (ValueError, TrainingDiverged) as exc:  # bad data / options / a run that diverged: a message
-        raise SystemExit(f"error: {exc}") from exc
+        raise SystemExit(f"error: {redact_uri(exc)}") from exc
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    print(f"run {result.run_name} (MLflow run {result.run_id}); model {result.model_uri or 'not registered'}"
-          f"{' -> champion' if result.champion_moved else ''}")
-    print(f"best epoch {result.best_epoch}: dev RMSE {fmt(result.best_dev_rmse)} MAE {fmt(result.best_dev_mae)}")
+    alias = " -> champion" if result.champion_moved else (" (@candidate; promote with jobs/promote.py)"
+                                                          if result.model_uri else "")
+    out(f"run {result.run_name} (MLflow run {result.run_id}); model {result.model_uri or 'not registered'}{alias}")
+    out(f"best epoch {result.best_epoch}: dev RMSE {fmt(result.best_dev_rmse)} MAE {fmt(result.best_dev_mae)}")
     if result.diverged_at_epoch:
-        print(f"training diverged at epoch {result.diverged_at_epoch}: the model is the last good epoch's")
+        out(f"training diverged at epoch {result.diverged_at_epoch}: the model is the last good epoch's")
     if any(result.n_videos_fallback.values()):
-        print("videos without a usable face, scored with the training mean: "
-              + ", ".join(f"{split} {n}" for split, n in result.n_videos_fallback.items()))
-    print(f"test RMSE {fmt(result.test_rmse)} MAE {fmt(result.test_mae)}   "
-          f"(predict-the-training-mean baseline: RMSE {fmt(result.baseline_test_rmse)} "
-          f"MAE {fmt(result.baseline_test_mae)})")
-    print(json.dumps({k: v for k, v in vars(result).items() if k not in ("history",)}, default=str))
+        out("videos without a usable face, scored with the training mean: "
+            + ", ".join(f"{split} {n}" for split, n in result.n_videos_fallback.items()))
+    out(f"test RMSE {fmt(result.test_rmse)} MAE {fmt(result.test_mae)}   "
+        f"(predict-the-training-mean baseline: RMSE {fmt(result.baseline_test_rmse)} "
+        f"MAE {fmt(result.baseline_test_mae)})")
+    out(json.dumps({k: v for k, v in vars(result).items() if k not in ("history",)}, default=str))
     return 0
 
 

@@ -39,6 +39,7 @@ from pipeline.decode import FrameChunk, SamplingConfig, VideoDecodeError, iter_f
 from pipeline.detect import DetectorConfig
 from pipeline.jpeg import encode_jpeg
 from pipeline.schema import SHARD_SCHEMA, STATUS_FAILED, STATUS_NO_FACE, STATUS_OK
+from pipeline.storage import redact, redact_uri, redacting_printer
 from pipeline.shardset import (CONFIG_FILE, FORMAT_VERSION, LOG_SCHEMA, SUMMARY_FILE, CommitLog, RunLock,
                                ShardFileWriter, delete_unreferenced_files, read_json, read_log, referenced_files,
                                ShardSetError, status_counts, write_index, write_json)
@@ -96,6 +97,10 @@ class PreprocessConfig:
             raise ValueError(f"split_policy must be one of {SPLIT_POLICIES[1:]}, got {self.split_policy!r}")
         if self.target_file_mb <= 0 or self.row_group_rows < 1 or self.commit_every < 1:
             raise ValueError("target_file_mb must be > 0, row_group_rows and commit_every >= 1")
+        from pipeline.storage import check_no_credentials
+
+        for name in ("input", "output", "labels"):  # CredentialsInURIError is a ValueError
+            check_no_credentials(getattr(self, name), f"--{name}")
 
 
 def preprocess_version(config: PreprocessConfig) -> str:
@@ -139,11 +144,11 @@ def _decode_guarded(uri: str, sampling: SamplingConfig) -> Iterator[tuple[FrameC
             chunk = next(chunks)
         except StopIteration:
             return
-        except VideoDecodeError as exc:
-            yield None, str(exc)
+        except VideoDecodeError as exc:  # reasons repeat the uri: stored redacted (index, log, summary)
+            yield None, redact_uri(str(exc))
             return
         except Exception as exc:  # a decoder bug must not stop the run either; keep the type for triage
-            yield None, f"unexpected decoder error ({type(exc).__name__}): {exc}"
+            yield None, redact_uri(f"unexpected decoder error ({type(exc).__name__}): {exc}")
             return
         yield chunk, ""
 
@@ -215,7 +220,7 @@ class VideoFaceCropper:
             try:
                 kept, multi = self._crop_chunk(meta, chunk, columns)
             except Exception as exc:  # e.g. onnxruntime on a degenerate frame: this video fails, the run goes on
-                error = f"face crop stage failed ({type(exc).__name__}): {exc}"
+                error = redact_uri(f"face crop stage failed ({type(exc).__name__}): {exc}")
                 break
             counts["frames_decoded"] += len(chunk.frames)
             counts["faces_kept"] += kept
@@ -257,6 +262,7 @@ class VideoFaceCropper:
 
 
 def _failed_all(entries: list[dict[str, Any]], reason: str) -> list[dict[str, Any]]:
+    reason = redact_uri(reason)
     return [{**e, "status": STATUS_FAILED, "reason": reason, "faces_kept": 0, "file": None,
              "row_group_first": None, "row_group_count": None} for e in entries]
 
@@ -314,19 +320,38 @@ def _check_split_policy(out_uri: str, config: PreprocessConfig) -> None:
                              "--output for another split")
 
 
+def refuse_credentials_in_manifest(manifest: pa.Table) -> None:
+    """ManifestError naming the videos whose uri embeds credentials (uris shown redacted)."""
+    from pipeline.manifest import ManifestError
+    from pipeline.storage import CREDENTIALS_HINT, embedded_credentials
+
+    uris = manifest.column("uri")
+    suspect = manifest.filter(pc.fill_null(pc.match_substring_regex(uris, "[@?#]"), False))  # cheap pre-filter
+    bad = [(row["video_id"], row["uri"]) for row in suspect.select(["video_id", "uri"]).to_pylist()
+           if embedded_credentials(row["uri"])]
+    if bad:
+        shown = "; ".join(f"{vid!r}: {redact_uri(uri)}" for vid, uri in bad[:10])
+        more = f" ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ManifestError(f"{len(bad)} manifest uri(s) embed credentials: {shown}{more}. {CREDENTIALS_HINT}")
+
+
 def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
                    printer=print) -> dict[str, Any]:
     """Run (or resume) preprocessing; returns the summary dict (also written to summary.json).
 
-    Raises ManifestError for an invalid manifest and LockedError when another run writes the same
-    output (nothing is processed then).
+    Raises ManifestError for an invalid manifest (also one whose video uris embed credentials) and
+    LockedError when another run writes the same output (nothing is processed then).
+    config.json, summary.json, the failure reasons and the printed lines hold URIs redacted
+    (pipeline.storage.redact_uri); the returned summary keeps the real shard-set location.
     """
     from pipeline.manifest import format_manifest_report, load_manifest, manifest_report
 
     started = time.time()
+    printer = redacting_printer(printer)  # an output or video uri may carry a token in its query string
     if manifest is None:
         manifest = load_manifest(config.dataset, config.input, labels=config.labels or None,
                                  split_policy=config.split_policy or None, split_seed=config.split_seed)
+    refuse_credentials_in_manifest(manifest)
     if config.limit:
         manifest = manifest.slice(0, config.limit)
     report = manifest_report(manifest)
@@ -337,7 +362,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
                   "config": dataclasses.asdict(config)}
     with RunLock(out_uri, stale_s=config.lock_stale_s, force=config.force_unlock):
         _check_split_policy(out_uri, config)
-        write_json(out_uri, CONFIG_FILE, config_doc)
+        write_json(out_uri, CONFIG_FILE, redact(config_doc))
         committed = read_log(out_uri, ["video_id", "status", "file"])
         final = committed.filter(pc.is_in(committed.column("status"), pa.array([STATUS_OK, STATUS_NO_FACE])))
         todo = manifest.filter(pc.invert(pc.is_in(manifest.column("video_id"), final.column("video_id"))))
@@ -350,7 +375,7 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
         stats = _run_graph(config, todo, out_uri, run_id, printer, started) if todo.num_rows else {}
         index = write_index(out_uri)
         summary = _summary(out_uri, config_doc, manifest, index, run_id, report, stats, time.time() - started)
-        write_json(out_uri, SUMMARY_FILE, summary)
+        write_json(out_uri, SUMMARY_FILE, redact(summary))
     printer(_summary_text(summary))
     return summary
 

@@ -13,14 +13,29 @@ write must be storage that every node sees:
 
 ``require_shared_storage`` is what the jobs call: it refuses a node-local path as soon as the
 cluster has more than one alive node, with a message that says what to use instead.
-Nothing here reads or logs credentials: pyarrow's S3/GCS/Azure filesystems take them from the
-environment / instance metadata as usual.
+
+Credentials never travel in a URI (``check_no_credentials``, called by every job's config
+validation): pyarrow would accept ``s3://KEY:SECRET@bucket/...`` or ``?access_key=..&secret_key=..``,
+and the URI would then be printed, logged as an MLflow param, stored in config.json and in
+checkpoints. pyarrow's S3/GCS/Azure filesystems and MLflow take credentials from the environment
+(AWS_* variables / profiles, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN) or from an
+instance / workload identity instead.
+
+Everything printed, logged or stored goes through ``redact_uri`` (or ``redact`` for a config
+document). The rule: keep scheme, host, path and the query parameter names; replace userinfo
+(``user:password@``) with ``***@``, every query value with ``***`` except the harmless settings
+in REDACTION_ALLOWED_PARAMS (region, endpoint_override, scheme), and a ``#fragment`` with
+``#***``. It also applies to a local path that carries a query string (``/x/video.mp4?sig=...``),
+so failure messages that repeat a path are covered. Only what is shown or stored is redacted: the
+jobs keep working with the real URI.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import pyarrow.fs as pafs
 
@@ -45,6 +60,200 @@ _LOCAL_SCHEMES = frozenset({"file", "local"})
 
 class StorageError(ValueError):
     """A storage location that cannot work for this run (e.g. node-local on a cluster)."""
+
+
+class CredentialsInURIError(StorageError):
+    """A URI that embeds credentials (user:password@host, or access_key=/secret_key=/... parameters)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Credentials in URIs: refuse them at config validation, redact whatever is shown or stored
+
+# Query values kept by redact_uri: settings that hold no secret and help reading a log.
+REDACTION_ALLOWED_PARAMS = frozenset({"region", "endpoint_override", "scheme"})
+# Query parameters that carry a credential. Exact names (lower case, "-" read as "_"): pyarrow's
+# S3 (access_key, secret_key, session_token) and Azure (account_key, sas_token, client_secret)
+# options, their AWS spellings, and the signature parts of pre-signed S3/GCS URLs and Azure SAS.
+CREDENTIAL_PARAMS = frozenset({
+    "access_key", "secret_key", "session_token", "access_token", "refresh_token", "id_token",
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_security_token",
+    "account_key", "sas_token", "sas", "client_secret", "sig", "signature", "password", "passwd", "pwd",
+    "x_amz_credential", "x_amz_signature", "x_amz_security_token", "x_goog_credential", "x_goog_signature",
+    "googleaccessid", "private_key", "api_key", "apikey", "auth", "authorization",
+})
+# ... and any parameter whose name contains one of these words.
+_CREDENTIAL_WORDS = ("secret", "password", "passwd", "credential", "signature", "private_key", "access_key",
+                     "account_key", "session_token", "access_token", "api_key")
+
+CREDENTIALS_HINT = (
+    "Never put credentials in a URI: it ends up in shell history, process listings, logs, MLflow params and "
+    "stored configs. Give them through the environment instead - for S3: AWS_ACCESS_KEY_ID / "
+    "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE; for an MLflow server: MLFLOW_TRACKING_USERNAME / "
+    "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN; for a database: PGPASSWORD or ~/.pgpass - or use an "
+    "instance / workload identity (EC2 instance profile, EKS IRSA or Pod Identity, GKE / Azure workload "
+    "identity), which needs no secret at all.")
+
+_URI_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
+# A URI (scheme://...) or a path inside a message: runs until whitespace, a quote or a bracket.
+_TOKEN = re.compile(r"""[^\s'"<>()\[\]{}`]+""")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#@]*)@")
+# user:secret@ where the secret holds a raw "/" (not percent-encoded): no valid URI, still a secret.
+_USERINFO_LOOSE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://[^/?#@]*:[^?#@]*@")
+_QUERY_PAIR = re.compile(r"([?&])([^=&#?]*)(=)?([^&#]*)")
+# abfs://container@account.dfs.core.windows.net/...: a user part WITHOUT ":" names the container
+# (or account), not a credential; "account:KEY@" is one.
+_CONTAINER_AT_SCHEMES = frozenset({"abfs", "abfss", "az", "wasb", "wasbs"})
+
+
+def _param_name(name: str) -> str:
+    from urllib.parse import unquote_plus
+
+    return unquote_plus(name).strip().lower().replace("-", "_")
+
+
+def is_credential_param(name: str) -> bool:
+    """Does a query parameter with this name carry a credential (access_key, X-Amz-Signature, ...)?"""
+    key = _param_name(name)
+    return key in CREDENTIAL_PARAMS or any(word in key for word in _CREDENTIAL_WORDS)
+
+
+def _query_names(uri: str) -> list[str]:
+    """Names of the query parameters (and of key=value pairs in a #fragment) of a URI."""
+    rest, _, fragment = uri.partition("#")
+    query = rest.split("?", 1)[1] if "?" in rest else ""
+    return [pair.split("=", 1)[0] for part in (query, fragment) for pair in part.split("&") if "=" in pair]
+
+
+def _secret_userinfo(scheme: str, userinfo: str) -> bool:
+    return ":" in userinfo or scheme.lower() not in _CONTAINER_AT_SCHEMES
+
+
+def embedded_credentials(uri: str) -> list[str]:
+    """What credentials `uri` embeds, described without their values ([] when none).
+
+    Looks at the userinfo of ``scheme://user:password@host/...`` (a user name alone too - pyarrow
+    reads it as the S3 access key - except ``abfs://container@account...``, which names a container)
+    and at query parameters named like a credential (CREDENTIAL_PARAMS). A plain path is a local
+    file: a ``?`` in it is part of the file name, not a parameter.
+    """
+    text = str(uri or "").strip()
+    found: list[str] = []
+    match = _URI_AUTHORITY.match(text)
+    if not match:
+        return found
+    scheme, authority = match.groups()
+    userinfo = _USERINFO.match(text)
+    if (userinfo and _secret_userinfo(scheme, userinfo.group(2))) or (not userinfo and _USERINFO_LOOSE.match(text)):
+        found.append("user info (user:password@ before the host)")
+    names = sorted({_param_name(n) for n in _query_names(text) if is_credential_param(n)})
+    if names:
+        found.append("query parameter(s) " + ", ".join(names))
+    return found
+
+
+def check_no_credentials(uri: str, what: str) -> None:
+    """Raise CredentialsInURIError when `uri` embeds credentials; `what` names the setting (e.g. "--input").
+
+    The message shows the URI redacted, never the secret.
+    """
+    found = embedded_credentials(uri)
+    if found:
+        raise CredentialsInURIError(f"{what} {redact_uri(str(uri))} embeds credentials ({'; '.join(found)}). "
+                                    + CREDENTIALS_HINT)
+
+
+def _redact_query(query_part: str) -> str:
+    """'?a=1&token=x#frag' -> '?a=1&token=***#***' (REDACTION_ALLOWED_PARAMS keep their values)."""
+    fragment = ""
+    if "#" in query_part:
+        query_part, fragment = query_part.split("#", 1)
+        fragment = "#***" if fragment else "#"
+
+    def pair(m: re.Match) -> str:
+        sep, name, eq, value = m.groups()
+        if not eq or _param_name(name) in REDACTION_ALLOWED_PARAMS:
+            return m.group(0)
+        return f"{sep}{name}={'***' if value else ''}"
+
+    return _QUERY_PAIR.sub(pair, query_part) + fragment
+
+
+def _redact_token(token: str) -> str:
+    """One URI or path (no whitespace) with userinfo, query values and fragment redacted."""
+    userinfo = _USERINFO.match(token)
+    if userinfo and _secret_userinfo(userinfo.group(1), userinfo.group(2)):
+        token = f"{userinfo.group(1)}://***@{token[userinfo.end():]}"
+    elif not userinfo and (loose := _USERINFO_LOOSE.match(token)):
+        token = f"{loose.group(1)}://***@{token[loose.end():]}"
+    cut = token.find("?")
+    if cut >= 0:
+        return token[:cut] + _redact_query(token[cut:])
+    if "://" in token and "#" in token:  # a fragment may hold a token too (OAuth implicit flow)
+        head, fragment = token.split("#", 1)
+        return head + ("#***" if fragment else "#")
+    return token
+
+
+def redact_uri(text: Any) -> str:
+    """`text` - one URI, or a message / line / document holding any number of URIs and paths - with
+    the secret parts of each replaced by ``***`` (see the module doc for the rule). Idempotent; text
+    without "@", "?" or "#" comes back unchanged."""
+    text = "" if text is None else str(text)
+    if "@" not in text and "?" not in text and "#" not in text:
+        return text
+    return _TOKEN.sub(lambda m: _redact_token(m.group(0)), text)
+
+
+def redacting_printer(printer: Callable[[str], Any] = print) -> Callable[[str], Any]:
+    """`printer` with every line passed through redact_uri first (wrapping twice is harmless)."""
+    if getattr(printer, "_redacts", False):
+        return printer
+
+    def redacted(line: Any) -> Any:
+        return printer(redact_uri(line))
+
+    redacted._redacts = True  # type: ignore[attr-defined]
+    return redacted
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts URIs in every record it sees (message and arguments merged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to logging's own error handling
+            return True
+        redacted = redact_uri(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Redact URIs in everything the handlers of `logger` (default: the root logger) write.
+
+    Jobs call it after logging.basicConfig: library warnings that repeat a location (a lock's path,
+    a failed read) then never print a URI's secret. Idempotent.
+    """
+    logger = logger or logging.getLogger()
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def redact(value: Any) -> Any:
+    """A config document (nested dict / list / tuple of str, numbers, ...) with redact_uri applied to
+    every string value (keys kept): what config.json, summary.json, checkpoints and MLflow get."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, Mapping):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(redact(v) for v in value)
+    return value
 
 
 def _scheme(uri: str) -> str | None:
@@ -89,9 +298,8 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _redact(uri: str) -> str:
-    """Drop a ``user:password@`` part and the query string (may hold keys) from a URI for messages."""
-    text = re.sub(r"(://)[^/@]*@", r"\1***@", str(uri))
-    return text.split("?", 1)[0]
+    """A URI for messages: see redact_uri."""
+    return redact_uri(uri)
 
 
 def _unescape_mount(field: str) -> str:

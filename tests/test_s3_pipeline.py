@@ -179,6 +179,7 @@ def test_preprocess_train_predict_on_s3(s3_faces, s3_server, mlflow_store, tmp_p
     result = run_training(TrainConfig(
         data=shard_set, run_name="s3-run", workers=1, epochs=1, batch_size=4, frames_per_video=4,
         eval_batch_size=16, augmentation="flip", storage_path=storage, register=True, model_name=MODEL_NAME,
+        promote=True,  # training registers @candidate only; --promote also moves @champion (scored below)
         model=HMHNConfig(input_size=SIZE, num_heads=2)))
     print(f"[s3 test] training took {time.time() - started:.1f} s")
     assert result.epochs_run == [1] and result.best_epoch == 1

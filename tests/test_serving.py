@@ -1,6 +1,8 @@
 """hmhn.serving: the pyfunc model training registers, loaded in-process and served by `mlflow models serve`.
 
-Real MLflow (sqlite store + registry + alias) and a real scoring server subprocess over HTTP.
+Real MLflow (sqlite store + registry + alias) and a real scoring server subprocess over HTTP. The model
+is logged from code (hmhn/scoring_model.py + weights + JSON configs): nothing pickled, so the server
+runs with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
 """
 from __future__ import annotations
 
@@ -61,6 +63,34 @@ def register_champion(name: str, model: HMHN, preprocess_doc: dict | None = None
     return f"models:/{name}@champion"
 
 
+def assert_models_from_code(uri: str) -> None:
+    """The logged model is MLflow's models-from-code form: a code file + weights + JSON, no pickled object."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    local = Path(download_artifacts(artifact_uri=uri))
+    flavor = Model.load(str(local)).flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert Path(flavor["model_code_path"]).name == "scoring_model.py" and (local / "scoring_model.py").is_file()
+    assert "python_model" not in flavor, "a pickled PythonModel is referenced"
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert {"artifacts/weights.pt", "artifacts/hmhn_config.json", "artifacts/preprocess_config.json"} <= files
+    assert "cloudpickle" not in (local / "requirements.txt").read_text()
+    # The weights are a plain state dict: they load with torch's safe (weights_only) unpickler.
+    state = torch.load(local / "artifacts" / "weights.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def expected_scores(model: HMHN, crops_b64: list[str]) -> np.ndarray:
+    """The plain torch path: hmhn.image pixels -> HMHNScorer (clamped), as training evaluates."""
+    from hmhn.image import decode_jpeg
+
+    images = np.stack([decode_jpeg(base64.b64decode(c), model.config.input_size) for c in crops_b64])
+    with torch.no_grad():
+        return HMHNScorer(model, clamp=True).eval()(to_model_input(images)).numpy()
+
+
 def face_crops_b64(astronaut_rgb: np.ndarray, count: int = 2) -> list[str]:
     """`count` different square crops around the astronaut's face, as base64 JPEG (what clients send)."""
     crops = []
@@ -88,6 +118,7 @@ def test_logged_model_loads_in_plain_torch_and_as_pyfunc(mlflow_store, astronaut
         assert torch.equal(value, loaded.state_dict()[key]), key
     version = mlflow.MlflowClient().get_model_version_by_alias("hmhn-serving", "champion")
     assert version.tags["preprocess_version"] == doc["preprocess_version"] and version.tags["purpose"] == "test"
+    assert_models_from_code(uri)
 
     # The pyfunc scores exactly like HMHNScorer on hmhn.image's pixels (the training path).
     crops = face_crops_b64(astronaut_rgb, 3)
@@ -131,11 +162,15 @@ def _post(url: str, payload: dict) -> tuple[int, str]:
 
 
 def test_mlflow_models_serve_scores_crops_and_refuses_bad_requests(mlflow_store, astronaut_rgb, tmp_path):
-    uri = register_champion("hmhn-http", small_scoring_model())
+    model = small_scoring_model()
+    uri = register_champion("hmhn-http", model)
+    assert_models_from_code(uri)
     port = _free_port()
     log_path = tmp_path / "serve.log"
     # The server execs `uvicorn` by name: the venv's bin folder must be on PATH (it is once activated).
+    # Pickle deserialization off: a models-from-code model must not need it.
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "MLFLOW_REGISTRY_URI": mlflow_store,
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log_path, "wb") as log_file:
         server = subprocess.Popen(
@@ -156,14 +191,19 @@ def test_mlflow_models_serve_scores_crops_and_refuses_bad_requests(mlflow_store,
             assert time.time() < deadline, f"no /ping answer within 90 s:\n{log_path.read_text()[-3000:]}"
             time.sleep(1)
 
+        crops = face_crops_b64(astronaut_rgb, 3)
         status, body = _post(f"{base}/invocations",
-                             {"dataframe_split": {"columns": ["image"], "data": [[c] for c in face_crops_b64(astronaut_rgb)]}})
+                             {"dataframe_split": {"columns": ["image"], "data": [[c] for c in crops]}})
         assert status == 200, body
         predictions = json.loads(body)["predictions"]
-        assert len(predictions) == 2
+        assert len(predictions) == 3
         for row in predictions:
             assert 0.0 <= row["score"] <= 63.0
             assert row["severity"] in ("minimal", "mild", "moderate", "severe")
+        # Over HTTP, the code-logged model scores exactly as the plain torch model does.
+        expected = expected_scores(model, crops)
+        assert ((expected > 0) & (expected < 63)).all() and len(set(expected.round(4))) == 3
+        np.testing.assert_allclose([row["score"] for row in predictions], expected, atol=1e-4)
 
         bad_requests = {
             "empty batch": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),

@@ -162,24 +162,54 @@ def test_attention_maps_only_rendered_when_asked(shard_root):
 
 
 def test_alias_champion_moves_only_on_improvement(mlflow_store):
+    """Registration gives `candidate` only; `promote` (jobs/promote.py) moves `champion` on improvement."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    from hmhn.tracking import promote
+    from hmhn.tracking import PromotionError, promote, register_candidate
 
     client = MlflowClient()
     name = "alias-test"
     client.create_registered_model(name)
     versions = [client.create_model_version(name, source=f"file:///nowhere/{i}").version for i in range(5)]
-    assert promote(mlflow_store, name, versions[0], 8.0) is True            # first model: champion
-    assert promote(mlflow_store, name, versions[1], 9.0) is False           # worse: candidate only
+
+    def candidate(i: int, rmse: float) -> None:  # what training does with a new version
+        register_candidate(mlflow_store, name, versions[i], rmse)
+        assert client.get_model_version_by_alias(name, "candidate").version == versions[i]
+
+    def champion() -> str | None:
+        try:
+            return str(client.get_model_version_by_alias(name, "champion").version)
+        except MlflowException:
+            return None
+
+    candidate(0, 8.0)
+    assert champion() is None                                               # registering never promotes
+    first = promote(mlflow_store, name)                                     # the @candidate by default
+    assert first.moved and first.champion_before is None and champion() == str(versions[0])
+    candidate(1, 9.0)
+    worse = promote(mlflow_store, name)                                     # worse: stays candidate only
+    assert not worse.moved and worse.champion_after == str(versions[0]) and "does not beat" in worse.reason
     assert client.get_model_version_by_alias(name, "candidate").version == versions[1]
-    assert client.get_model_version_by_alias(name, "champion").version == versions[0]
-    assert promote(mlflow_store, name, versions[2], 8.0) is False           # a tie is not an improvement
-    assert promote(mlflow_store, name, versions[3], 7.5) is True            # better: champion moves
-    assert client.get_model_version_by_alias(name, "champion").version == versions[3]
+    candidate(2, 8.0)
+    assert not promote(mlflow_store, name, version=versions[2]).moved      # a tie is not an improvement
+    candidate(3, 7.5)
+    better = promote(mlflow_store, name, version=versions[3])              # better: champion moves
+    assert better.moved and (better.champion_before, better.champion_after) == (str(versions[0]), str(versions[3]))
+    assert champion() == str(versions[3]) and "champion since" in client.get_model_version(
+        name, versions[3]).tags["promoted"]
+    assert not promote(mlflow_store, name, version=versions[3]).moved      # already champion: nothing to do
     client.delete_model_version_tag(name, versions[3], "dev_rmse")          # champion of unknown quality ...
-    assert promote(mlflow_store, name, versions[4], 1.0) is False           # ... is left alone
-    assert client.get_model_version_by_alias(name, "champion").version == versions[3]
+    candidate(4, 1.0)
+    assert not promote(mlflow_store, name, version=versions[4]).moved      # ... is left alone
+    assert champion() == str(versions[3])
+    client.delete_model_version_tag(name, versions[4], "dev_rmse")
+    for bad in ({"version": versions[4]}, {"version": "99"}, {"alias": "nonexistent"}):
+        with pytest.raises(PromotionError):                                 # no metric / no version / no alias
+            promote(mlflow_store, name, **bad)
+    with pytest.raises(PromotionError, match="no registered model"):
+        promote(mlflow_store, "no-such-model")
+    assert [m.name for m in client.search_registered_models()] == [name]   # no lock left behind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +244,16 @@ def test_registered_champion_loads_and_predicts(trained):
     from hmhn.image import encode_jpeg, to_model_input
     from hmhn.serving import load_scoring_model
 
+    from hmhn.tracking import promote
+
     second = trained["second"]
-    assert second.model_uri.startswith("models:/hmhn-test/")
+    assert second.model_uri == f"models:/hmhn-test/{second.model_version}"
+    # Training registered @candidate and moved nothing; promotion is its own step.
+    assert not second.champion_moved
+    with pytest.raises(Exception, match="champion"):
+        load_scoring_model("models:/hmhn-test@champion")
+    promotion = promote(trained["uri"], "hmhn-test")
+    assert promotion.moved and promotion.version == second.model_version
     # The registered model is the scoring model: plain torch for batch scoring ...
     champion, preprocess_config, input_size = load_scoring_model("models:/hmhn-test@champion")
     assert input_size == SIZE and preprocess_config["preprocess_version"] == second.preprocess_version
@@ -231,7 +269,7 @@ def test_registered_champion_loads_and_predicts(trained):
     x = to_model_input(np.stack([decode_jpeg(encode_jpeg(c), SIZE) for c in crops]))
     expected = HMHNScorer(model).eval()(x).detach().numpy()
     assert np.allclose(out["score"].to_numpy(), expected, atol=1e-3)
-    assert np.allclose(HMHNScorer(champion).eval()(x).detach().numpy(), expected, atol=1e-3) or not second.champion_moved
+    assert np.allclose(HMHNScorer(champion).eval()(x).detach().numpy(), expected, atol=1e-3)
     # The pt2 export of the same model sits beside it in the run.
     pt2 = mlflow.pytorch.load_model(f"runs:/{second.run_id}/model_pt2")
     assert np.allclose(pt2(x).detach().numpy(), expected, atol=1e-3)
@@ -327,7 +365,7 @@ def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, 
 
     monkeypatch.chdir(tmp_path)
     result = run_training(tiny_config(shard_root, run_name="server-run", workers=1, mlflow_uri=mlflow_server,
-                                      storage_path=str(tmp_path / "ray_results")))
+                                      storage_path=str(tmp_path / "ray_results"), promote=True))  # --promote
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     _assert_run_logged(client, result.run_id, n_videos=5, world_size=1)
     assert result.champion_moved and result.model_uri == "models:/hmhn-test/1"
