@@ -6,10 +6,9 @@ this module turns it into what the model eats:
 * training draws a FIXED number of frames per video each epoch (MODEL.md section 5): long
   AVEC2013 recordings and short AVEC2014 clips weigh the same. The draw is evenly spaced with
   a random offset, re-drawn every epoch, and reads only the row groups that hold those frames
-  (pipeline.shardset.RowGroupReader.draw). It runs inside Ray Data on CPU: the index is read by
-  Ray Data itself (the driver passes its location), a task draws, decodes and augments the frames
-  of a few videos, and the training workers receive them through Ray Train's split of this
-  dataset and `iter_torch_batches`.
+  (pipeline.shardset.RowGroupReader.draw). It runs inside Ray Data on CPU: a task gets the index
+  rows of a few videos (never frames), draws, decodes and augments their frames, and the training
+  workers receive them through Ray Train's split of this dataset and `iter_torch_batches`.
 * evaluation reads every frame (or a fixed, deterministic, evenly spaced subset) of given videos
   in the calling process, in a stable order, and reduces them per video (sum, count), so a
   distributed evaluation over disjoint video subsets adds up to exactly the single-process one.
@@ -22,7 +21,6 @@ bit-reproducible anyway; model initialisation is (TrainConfig.seed).
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from hmhn.image import decode_jpeg
-from pipeline.shardset import (INDEX_COLUMNS, INDEX_FILE, RowGroupReader, ShardIndex, ShardSetError, VideoEntry,
-                               open_root, uniform_positions)
+from pipeline.shardset import RowGroupReader, ShardIndex, ShardSetError, VideoEntry, uniform_positions
 
 __all__ = ["ShardIndex", "ShardSetError", "VideoEntry", "open_shardset", "check_trainable", "owner_rank",
            "uniform_positions", "augment", "sample_train_frames", "train_dataset", "iter_eval_batches",
@@ -131,27 +128,28 @@ def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
 VIDEOS_PER_TASK = 8  # x frames_per_video crops per output block: 8 x 64 x 150 KB at 224 px ~ 77 MB
 
 
-def train_dataset(root: str, train_videos: int, frames_per_video: int, input_size: int, augmentation: str = "full",
+def train_dataset(index: ShardIndex, frames_per_video: int, input_size: int, augmentation: str = "full",
                   num_cpus: float = 1.0):
     """Ray Dataset of one epoch of training crops: {"image": uint8 (S,S,3), "label": float32}.
 
-    Ray Data reads the index itself (`root` is all that travels); each execution (each epoch, each
-    worker's share via Ray Train's split) re-draws the frames. `train_videos` only sizes the
-    parallelism: blocks of up to VIDEOS_PER_TASK videos, at least one block per video for small sets.
+    The inputs are the training videos' index rows (~100 bytes each, no frames), in blocks of
+    VIDEOS_PER_TASK videos handed out once per fit, one block per task; each execution (each epoch,
+    each worker's share via Ray Train's split) re-draws the frames. Not `read_parquet` on the index:
+    Ray Data reads one file as one block, and the repartition and file-listing tasks that would split
+    it ask for a whole CPU, which the training workers leave unavailable on small nodes (it hung on
+    two 1-CPU nodes).
     """
     import ray.data
-    from ray.data.expressions import col
 
-    fs, base = open_root(root)
-    blocks = max(1, min(train_videos, max(64, math.ceil(train_videos / VIDEOS_PER_TASK))))
-    ds = (ray.data.read_parquet(f"{base}/{INDEX_FILE}", filesystem=fs, columns=INDEX_COLUMNS, num_cpus=num_cpus)
-          .filter(expr=(col("split") == "train") & (col("status") == "ok") & (col("faces_kept") > 0))
-          .repartition(blocks))
+    rows = index.select("train", with_frames=True)
+    blocks = [rows.slice(i, VIDEOS_PER_TASK) for i in range(0, rows.num_rows, VIDEOS_PER_TASK)]
+    if rows.num_rows < 64:  # small sets: one video per task, for parallelism
+        blocks = [rows.slice(i, 1) for i in range(rows.num_rows)]
     # A new block order every epoch (seedless); num_cpus < 1 so the data pipeline keeps running
     # next to training workers on a small machine (ENVIRONMENT.md).
-    return ds.randomize_block_order().map_batches(
+    return ray.data.from_arrow(blocks).randomize_block_order().map_batches(
         sample_train_frames, batch_size=None, num_cpus=num_cpus,
-        fn_kwargs={"root": root, "frames_per_video": frames_per_video, "input_size": input_size,
+        fn_kwargs={"root": index.root, "frames_per_video": frames_per_video, "input_size": input_size,
                    "augmentation": augmentation})
 
 

@@ -595,7 +595,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                                          checkpoint_score_attribute="dev_rmse",
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
-        datasets={"train": train_dataset(config.data, train_videos, config.frames_per_video, config.model.input_size,
+        datasets={"train": train_dataset(index, config.frames_per_video, config.model.input_size,
                                          augmentation=config.augmentation, num_cpus=data_cpus)},
         # dev/test never go through Ray's split (equal=True may drop rows): workers evaluate disjoint videos.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -204,7 +204,7 @@ def child_measure(p: dict) -> dict:
 
     k = p["k"]
     tic = time.perf_counter()
-    ds = train_dataset(root, len(train), frames_per_video=k, input_size=64, augmentation="none", num_cpus=0.5)
+    ds = train_dataset(index, frames_per_video=k, input_size=64, augmentation="none", num_cpus=0.5)
     epoch_rows = 0
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         epoch_rows += len(batch["label"])

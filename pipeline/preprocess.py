@@ -357,6 +357,11 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     report = manifest_report(manifest)
     for line in format_manifest_report(report):
         printer(f"[preprocess] {line}")
+    # Before anything is written: on a multi-node cluster (we were submitted to one) a node-local
+    # output would scatter the shards over the nodes' disks. A private local Ray is one node.
+    from pipeline.storage import require_shared_storage
+
+    require_shared_storage(config.output, "--output")
     out_uri = shard_set_path(config)
     config_doc = {"preprocess_version": preprocess_version(config), "format_version": FORMAT_VERSION,
                   "config": dataclasses.asdict(config)}
@@ -408,7 +413,9 @@ def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: s
                                    "root": out_uri, "version": preprocess_version(config),
                                    "jpeg_quality": config.jpeg_quality, "target_file_mb": config.target_file_mb,
                                    "row_group_rows": config.row_group_rows},
-            compute=ActorPoolStrategy(size=pool["size"]),
+            # One task in flight per actor: a task queued on an actor dies with the actor when another
+            # video kills it, and would spend its one retry on someone else's crash.
+            compute=ActorPoolStrategy(size=pool["size"], max_tasks_in_flight_per_actor=1),
             num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
             # Ray Data retries actor tasks for ever by default, so a video that kills its actor
             # would never end. One retry covers a lost node; then its videos are recorded as failed.
