@@ -292,14 +292,9 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         fs, path = pafs.FileSystem.from_uri(str(uri))
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError / ValueError
         # pyarrow's message repeats the URI, which may carry user:password@ or ?keys=...
-        detail = re.sub(r"(://)[^/@\s]*@", r"\1***@", str(exc).replace(str(uri), _redact(uri)))
-        raise StorageError(f"cannot open storage {_redact(uri)}: {detail}") from None
+        detail = re.sub(r"(://)[^/@\s]*@", r"\1***@", str(exc).replace(str(uri), redact_uri(uri)))
+        raise StorageError(f"cannot open storage {redact_uri(uri)}: {detail}") from None
     return fs, path
-
-
-def _redact(uri: str) -> str:
-    """A URI for messages: see redact_uri."""
-    return redact_uri(uri)
 
 
 def _unescape_mount(field: str) -> str:
