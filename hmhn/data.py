@@ -139,15 +139,13 @@ def train_dataset(index: ShardIndex, frames_per_video: int, input_size: int, aug
     it ask for a whole CPU, which the training workers leave unavailable on small nodes (it hung on
     two 1-CPU nodes).
     """
-    import ray.data
+    from pipeline.ray_utils import dataset_of_slices
 
     rows = index.select("train", with_frames=True)
-    blocks = [rows.slice(i, VIDEOS_PER_TASK) for i in range(0, rows.num_rows, VIDEOS_PER_TASK)]
-    if rows.num_rows < 64:  # small sets: one video per task, for parallelism
-        blocks = [rows.slice(i, 1) for i in range(rows.num_rows)]
+    per_task = VIDEOS_PER_TASK if rows.num_rows >= 64 else 1  # small sets: one video per task, for parallelism
     # A new block order every epoch (seedless); num_cpus < 1 so the data pipeline keeps running
     # next to training workers on a small machine (ENVIRONMENT.md).
-    return ray.data.from_arrow(blocks).randomize_block_order().map_batches(
+    return dataset_of_slices(rows, per_task).randomize_block_order().map_batches(
         sample_train_frames, batch_size=None, num_cpus=num_cpus,
         fn_kwargs={"root": index.root, "frames_per_video": frames_per_video, "input_size": input_size,
                    "augmentation": augmentation})

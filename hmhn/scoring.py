@@ -215,10 +215,9 @@ def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 
 
     Only committed rows are read (through the shard set's index: file + row groups per video), so
     rows a killed or retried preprocessing run left in a file are never scored."""
-    import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.ray_utils import init_ray
+    from pipeline.ray_utils import dataset_of_slices, init_ray
     from pipeline.shardset import ShardIndex
 
     index = ShardIndex.load(shard_uri)
@@ -234,7 +233,7 @@ def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Read tasks ask for a quarter CPU: with the actors' share they never exceed the cluster (no starvation).
     per_task = 8
-    ds = ray.data.from_arrow([entries.slice(i, per_task) for i in range(0, entries.num_rows, per_task)])
+    ds = dataset_of_slices(entries, per_task)
     ds = ds.map_batches(read_committed_frames, batch_size=None, batch_format="pyarrow", num_cpus=0.25,
                         fn_kwargs={"root": shard_uri})
     ds = ds.map_batches(

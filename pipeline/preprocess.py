@@ -385,11 +385,11 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
     return summary
 
 
-def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: str, printer, started: float) -> dict[str, Any]:
-    import ray
+def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: str, printer,
+               started: float) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.ray_utils import describe_connection, init_ray
+    from pipeline.ray_utils import dataset_of_slices, describe_connection, init_ray
 
     init_ray()
     printer(f"[preprocess] Ray: {describe_connection()}")
@@ -402,7 +402,7 @@ def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: s
     # A task whose actor dies twice (decoder crash, OOM) fails only its block; its videos are then
     # recorded as failed (below) instead of losing the whole run.
     ctx.max_errored_blocks = pool["tasks"]
-    ds = ray.data.from_arrow([todo.slice(i, per_task) for i in range(0, todo.num_rows, per_task)])
+    ds = dataset_of_slices(todo, per_task)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_task_retries yet; the **ray_remote_args route
         # works but warns that it is deprecated.

@@ -66,3 +66,17 @@ def alive_node_count() -> int:
     import ray
 
     return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def dataset_of_slices(table, rows_per_block: int):
+    """A Ray Dataset with one block per `rows_per_block` rows of a small pyarrow table (manifest or
+    index rows, never frames): one block = one task downstream.
+
+    `ray.data.from_blocks`, not `from_arrow`: from_arrow computes each block's metadata in a remote
+    task, and those tasks died with SIGABRT ("Mutex corrupt") now and then on these machines;
+    from_blocks computes it here and keeps the block count as given.
+    """
+    import ray.data
+
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_blocks(blocks)
