@@ -22,11 +22,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,12 +289,32 @@ def _all_reduce(values: list[float], op=None) -> list[float]:
 # The worker
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train's INFO lines in a worker (a dict per report, per epoch and worker) to WARNING. Its
+    report logger is named after its file path (logging.getLogger(__file__)), not ray.train.*."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
     from hmhn.tracking import RunLogger
 
+    # The console: Ray Train V2 patches print() and, when stdout is wrapped (MLflow does), writes each
+    # line twice; its own INFO lines ("Reporting training result ...") come once per epoch and worker.
+    _quiet_ray_train_logs()
+    worker_log = logging.getLogger("hmhn.train")
+    worker_log.setLevel(logging.INFO)
+    say = worker_log.info
+    # DDP's "grad strides do not match bucket view strides" is a performance note about conv
+    # weights' memory layout, printed once per worker; it does not change the result.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     config: TrainConfig = TrainConfig.from_dict(loop["config"])
     index = ShardIndex.load(loop["data"])  # each worker reads the index itself: the driver sends its location
     context = ray.train.get_context()
@@ -311,7 +333,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is None and config.backbone_checkpoint:
         from hmhn import load_backbone_checkpoint
 
-        load_backbone_checkpoint(model, config.backbone_checkpoint)
+        load_backbone_checkpoint(model, config.backbone_checkpoint, printer=say if master else None)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to device + DDP when world_size > 1
@@ -347,8 +369,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                               for split in ("train", "dev", "test")}})
         logger.set_tags({"system_metrics": system_metrics})
         if start_epoch:
-            print(f"[hmhn] resuming {loop['run_name']} after epoch {start_epoch} "
-                  f"(best so far: epoch {best['epoch']}, dev RMSE {best['dev_rmse']:.3f})", flush=True)
+            say(f"[hmhn] resuming {loop['run_name']} after epoch {start_epoch} "
+                f"(best so far: epoch {best['epoch']}, dev RMSE {best['dev_rmse']:.3f})")
 
     history: list[dict[str, float]] = []  # epochs trained by this worker group (returned by rank 0)
     diverged_at: int | None = None
@@ -402,9 +424,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         if not math.isfinite(train_loss) or (dev["n_videos"] and not math.isfinite(dev["rmse"])):
             diverged_at = epoch
             if master:
-                print(f"[hmhn] epoch {epoch}: training diverged (train loss {train_loss}, {select_split} RMSE "
-                      f"{dev.get('rmse', math.nan)}); stopping. The model is the last good epoch's "
-                      f"({best['epoch'] or 'none'}). Lower --lr / --head-lr, or check the data", flush=True)
+                say(f"[hmhn] epoch {epoch}: training diverged (train loss {train_loss}, {select_split} RMSE "
+                    f"{dev.get('rmse', math.nan)}); stopping. The model is the last good epoch's "
+                    f"({best['epoch'] or 'none'}). Lower --lr / --head-lr, or check the data")
             break
         if dev["rmse"] < best["dev_rmse"]:
             best = {"epoch": epoch, "dev_rmse": dev["rmse"], "dev_mae": dev["mae"],
@@ -421,9 +443,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         # ---- report (every worker, same number of times); rank 0 attaches the checkpoint
         if master:
             logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")}, step=epoch)
-            print(f"[hmhn] epoch {epoch}/{config.epochs}  train loss {metrics['train_loss']:.3f}  "
-                  f"{select_split} RMSE {dev['rmse']:.3f} MAE {dev['mae']:.3f}  "
-                  f"{metrics['samples_per_s']:.1f} samples/s  ({slowest:.1f} s)", flush=True)
+            say(f"[hmhn] epoch {epoch}/{config.epochs}  train loss {metrics['train_loss']:.3f}  "
+                f"{select_split} RMSE {dev['rmse']:.3f} MAE {dev['mae']:.3f}  "
+                f"{metrics['samples_per_s']:.1f} samples/s  ({slowest:.1f} s)")
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch,

@@ -35,10 +35,23 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
                      log_to_driver=True, configure_logging=True,
                      logging_level=logging.WARNING if quiet else logging.INFO)
     if quiet:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_operator_progress_bars = False
+        quiet_console()
     return ray.cluster_resources()
+
+
+def quiet_console() -> None:
+    """Keep the jobs' own progress lines readable: no Ray Data progress bars or per-dataset INFO
+    banners (datasets created after this call carry the setting to the actors that run them, e.g.
+    training's SplitCoordinator), no MLflow download bars or store-setup INFO lines."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def describe_connection() -> str:
