@@ -21,6 +21,11 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
 
     global _connection
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if quiet:
+        # Before ray.init, so that Ray's worker processes (training's rank 0 logs to MLflow) inherit
+        # them; MLflow sets its loggers' level from this variable when it is imported.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
@@ -50,8 +55,7 @@ def quiet_console() -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # if MLflow was imported before init_ray
 
 
 def describe_connection() -> str:
