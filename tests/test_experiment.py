@@ -190,3 +190,35 @@ def test_refit_dataset_view(tmp_path):
     shards = sorted(p.name for p in (Path(data) / "shards").iterdir())
     assert sorted(p.name for p in (Path(view) / "shards").iterdir()) == shards
     assert refit_dataset(data, str(tmp_path / "refit")) == view  # reused
+
+
+def test_refit_on_dev_retrains_on_train_and_dev_and_reports_test(ray_session, tmp_path, monkeypatch):
+    """--refit-on-dev: the trial's best epoch count, retrained on train + dev, evaluated on test."""
+    import mlflow
+
+    from hmhn.experiment import PARENT_TAG, run_experiment
+
+    data = write_synthetic_shardset(str(tmp_path / "faces" / "synth000"), {"train": 4, "dev": 2, "test": 2},
+                                    frames_per_video=6, size=SIZE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    try:
+        run_experiment(ExperimentConfig(name="exp_refit", base=base_config(data), variants={"full": {}}, seeds=1,
+                                        storage_path=str(tmp_path / "ray_results"), trial_retries=0,
+                                        refit_on_dev=True, register_best=False))
+        _, rows = trial_rows_from_mlflow(uri, "hmhn", "exp_refit")
+        (trial,) = rows
+        client = mlflow.MlflowClient(uri)
+        child = client.get_run(trial["run_id"])
+        assert child.data.metrics["refit_epochs"] == 1.0 and math.isfinite(child.data.metrics["refit_test_rmse"])
+        refits = client.search_runs([child.info.experiment_id],
+                                    filter_string=f"tags.`{PARENT_TAG}` = '{child.info.run_id}'")
+        (refit,) = refits
+        assert refit.data.params["train_videos"] == "6"  # 4 train + 2 dev videos
+        assert refit.data.params["epochs"] == "1"
+        assert refit.data.metrics["best_test_rmse"] == pytest.approx(child.data.metrics["refit_test_rmse"])
+    finally:
+        mlflow.set_tracking_uri(None)
