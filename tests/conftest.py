@@ -6,6 +6,7 @@ job submission) start it themselves and must not use the `ray_session` fixture.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -99,19 +100,30 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh MLflow sqlite store + artifact folder; returns the tracking URI."""
+@contextlib.contextmanager
+def mlflow_store_in(folder):
+    """A fresh MLflow sqlite store + artifact folder in `folder`, for this process and the Ray
+    workers it starts; yields the tracking URI. Usable from fixtures of any scope."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
-    monkeypatch.chdir(tmp_path)  # default artifact roots are relative to the working directory
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(folder / "mlartifacts"))
+        mp.chdir(folder)  # default artifact roots are relative to the working directory
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path):
+    """A fresh MLflow sqlite store + artifact folder; returns the tracking URI."""
+    with mlflow_store_in(tmp_path) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

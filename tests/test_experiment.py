@@ -21,6 +21,7 @@ from hmhn.data import write_synthetic_shardset
 from hmhn.experiment import (GRIDS, ExperimentConfig, apply_overrides, check_grid, comparison_table,
                              load_grid_file, table_csv, trial_rows_from_mlflow)
 from hmhn.train import TrainConfig
+from tests.conftest import mlflow_store_in
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -81,12 +82,7 @@ def experiment(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")
     data = write_synthetic_shardset(str(tmp / "faces" / "synth000"), {"train": 6, "dev": 3, "test": 2},
                                     frames_per_video=6, size=SIZE)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp / "mlartifacts"))
-        mp.chdir(tmp)
-        mlflow.set_tracking_uri(uri)
+    with mlflow_store_in(tmp) as uri:
         config = ExperimentConfig(name=NAME, base=base_config(data), variants={"full": {}, "no_gwa": {"use_gwa": False}},
                                   seeds=2, storage_path=str(tmp / "ray_results"), trial_retries=0,
                                   fail_trials=("no_gwa/1",))
@@ -99,7 +95,6 @@ def experiment(ray_session, tmp_path_factory):
         second = run_experiment(dataclasses.replace(config, fail_trials=()))
         yield {"first": first, "second": second, "uri": uri, "data": data, "tmp": tmp, "finished_a": finished_a,
                "client": client}
-        mlflow.set_tracking_uri(None)
 
 
 def test_failed_trial_reported_then_resumed(experiment):
@@ -192,7 +187,7 @@ def test_refit_dataset_view(tmp_path):
     assert refit_dataset(data, str(tmp_path / "refit")) == view  # reused
 
 
-def test_refit_on_dev_retrains_on_train_and_dev_and_reports_test(ray_session, tmp_path, monkeypatch):
+def test_refit_on_dev_retrains_on_train_and_dev_and_reports_test(ray_session, tmp_path, mlflow_store):
     """--refit-on-dev: the trial's best epoch count, retrained on train + dev, evaluated on test."""
     import mlflow
 
@@ -200,25 +195,18 @@ def test_refit_on_dev_retrains_on_train_and_dev_and_reports_test(ray_session, tm
 
     data = write_synthetic_shardset(str(tmp_path / "faces" / "synth000"), {"train": 4, "dev": 2, "test": 2},
                                     frames_per_video=6, size=SIZE)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "mlartifacts"))
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    try:
-        run_experiment(ExperimentConfig(name="exp_refit", base=base_config(data), variants={"full": {}}, seeds=1,
-                                        storage_path=str(tmp_path / "ray_results"), trial_retries=0,
-                                        refit_on_dev=True, register_best=False))
-        _, rows = trial_rows_from_mlflow(uri, "hmhn", "exp_refit")
-        (trial,) = rows
-        client = mlflow.MlflowClient(uri)
-        child = client.get_run(trial["run_id"])
-        assert child.data.metrics["refit_epochs"] == 1.0 and math.isfinite(child.data.metrics["refit_test_rmse"])
-        refits = client.search_runs([child.info.experiment_id],
-                                    filter_string=f"tags.`{PARENT_TAG}` = '{child.info.run_id}'")
-        (refit,) = refits
-        assert refit.data.params["train_videos"] == "6"  # 4 train + 2 dev videos
-        assert refit.data.params["epochs"] == "1"
-        assert refit.data.metrics["best_test_rmse"] == pytest.approx(child.data.metrics["refit_test_rmse"])
-    finally:
-        mlflow.set_tracking_uri(None)
+    uri = mlflow_store
+    run_experiment(ExperimentConfig(name="exp_refit", base=base_config(data), variants={"full": {}}, seeds=1,
+                                    storage_path=str(tmp_path / "ray_results"), trial_retries=0,
+                                    refit_on_dev=True, register_best=False))
+    _, rows = trial_rows_from_mlflow(uri, "hmhn", "exp_refit")
+    (trial,) = rows
+    client = mlflow.MlflowClient(uri)
+    child = client.get_run(trial["run_id"])
+    assert child.data.metrics["refit_epochs"] == 1.0 and math.isfinite(child.data.metrics["refit_test_rmse"])
+    refits = client.search_runs([child.info.experiment_id],
+                                filter_string=f"tags.`{PARENT_TAG}` = '{child.info.run_id}'")
+    (refit,) = refits
+    assert refit.data.params["train_videos"] == "6"  # 4 train + 2 dev videos
+    assert refit.data.params["epochs"] == "1"
+    assert refit.data.metrics["best_test_rmse"] == pytest.approx(child.data.metrics["refit_test_rmse"])

@@ -30,6 +30,7 @@ from hmhn.data import (ShardSetError, check_trainable, open_shardset, sample_tra
                        write_synthetic_shardset)
 from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, NAN_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
                         run_training, worker_resources)
+from tests.conftest import mlflow_store_in
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # crops and model input: HMHN needs a multiple of its 4x4 grid, >= 32
@@ -51,19 +52,9 @@ def shard_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def module_mlflow(tmp_path_factory):
-    """Like conftest's mlflow_store, for module-scoped fixtures: a temp sqlite store + ./mlartifacts."""
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp / "mlartifacts"))
-        mp.chdir(tmp)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+    """Like conftest's mlflow_store, for module-scoped fixtures."""
+    with mlflow_store_in(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
