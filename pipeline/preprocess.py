@@ -295,13 +295,13 @@ def _plan_stages(config: PreprocessConfig, n_videos: int) -> dict[str, Any]:
             "num_gpus": config.gpu_per_actor if on_gpu else 0.0, "videos_per_task": per_task, "tasks": tasks}
 
 
-def _check_storage(config: PreprocessConfig, todo: pa.Table) -> None:
-    """On a multi-node cluster, every location a task opens must be shared storage (one check per folder)."""
+def _check_inputs_shared(config: PreprocessConfig, todo: pa.Table) -> None:
+    """On a multi-node cluster, every video a task opens must be on shared storage (one check per
+    folder; --output was checked before anything was written)."""
     from pipeline.ray_utils import alive_node_count
     from pipeline.storage import is_remote_uri, require_shared_storage
 
     nodes = alive_node_count()
-    require_shared_storage(config.output, "--output", node_count=nodes)
     if nodes > 1:
         uris = pc.unique(todo.column("uri")).to_pylist()
         folders = {os.path.dirname(u) for u in uris if not is_remote_uri(u)}
@@ -393,7 +393,7 @@ def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: s
 
     init_ray()
     printer(f"[preprocess] Ray: {describe_connection()}")
-    _check_storage(config, todo)
+    _check_inputs_shared(config, todo)
     pool = _plan_stages(config, todo.num_rows)
     per_task = pool["videos_per_task"]
     printer(f"[preprocess] {pool['size']} decode+detect actors (CPU {pool['num_cpus']}, GPU {pool['num_gpus']}); "

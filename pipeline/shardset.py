@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -154,7 +154,6 @@ class ShardFileWriter:
         self._sink = self._writer = None
         self._relative = ""
         self._groups = 0
-        self.files_written = 0
 
     def add_video(self, table: pa.Table) -> VideoLocation:
         """Write one video's rows (SHARD_SCHEMA, any order) as strided row groups."""
@@ -174,15 +173,10 @@ class ShardFileWriter:
     def full(self) -> bool:
         return self._sink is not None and self._sink.tell() >= self.target_bytes
 
-    @property
-    def is_open(self) -> bool:
-        return self._writer is not None
-
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._sink.close()
-            self.files_written += 1
         self._sink = self._writer = None
         self._groups = 0
 
@@ -521,9 +515,6 @@ class ShardIndex:
     def count(self, split: str | None = None, with_frames: bool = True) -> int:
         return self.select(split, with_frames).num_rows
 
-    def frame_count(self, split: str) -> int:
-        return int(pc.sum(self.select(split, True).column("faces_kept")).as_py() or 0)
-
     def train_mean(self) -> float:
         """Mean BDI-II over training videos with frames (each video once): the baseline and the initial bias."""
         labels = pc.drop_null(self.select("train", True).column("label"))
@@ -621,8 +612,3 @@ def status_counts(table: pa.Table) -> dict[str, int]:
         for item in pc.value_counts(table.column("status")).to_pylist():
             counts[item["values"]] = item["counts"]
     return counts
-
-
-def iter_batches_of(table: pa.Table, size: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, size):
-        yield table.slice(start, size)
