@@ -535,24 +535,13 @@ def log_comparison(uri: str, parent_id: str, table: list[dict[str, Any]], name: 
 # The driver
 
 
-def _auto_concurrency(config: ExperimentConfig, cluster_cpus: float, cluster_gpus: float) -> int:
-    """Trials at once: each takes its workers (half the cluster's CPUs unless cpus_per_worker is set,
-    see hmhn.train.worker_resources) + the data pipeline + the trial function."""
-    if config.max_concurrent_trials:
-        return config.max_concurrent_trials
-    base = config.base
-    if base.gpu:
-        return max(1, int(cluster_gpus // base.workers))
-    per_trial = (base.cpus_per_worker * base.workers + 0.5) if base.cpus_per_worker else cluster_cpus
-    return max(1, int(cluster_cpus // max(per_trial, 1e-9)))
-
-
 def run_experiment(config: ExperimentConfig, log=print) -> ExperimentResult:
     from ray import tune
 
     from hmhn import tracking
     from hmhn.data import open_shardset
-    from pipeline.ray_utils import cluster_cpus, cluster_gpus, init_ray
+    from pipeline.ray_utils import init_ray
+    from pipeline.resources import alive_nodes, plan_trial_concurrency
 
     base = dataclasses.replace(config.base, data=_abs(config.base.data))
     uri = tracking.resolve_tracking_uri(base.mlflow_uri)
@@ -586,7 +575,8 @@ def run_experiment(config: ExperimentConfig, log=print) -> ExperimentResult:
             "refit_storage": f"{root}/{config.name}/refit", "refit_on_dev": config.refit_on_dev,
             "fail_trials": list(config.fail_trials)}
     trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec), {"CPU": config.trial_cpus})
-    concurrency = _auto_concurrency(config, cluster_cpus(), cluster_gpus())
+    concurrency = config.max_concurrent_trials or plan_trial_concurrency(alive_nodes(), config.base.workers,
+                                                                         config.base.gpu, config.base.cpus_per_worker)
     experiment_path = f"{tune_storage}/{config.name}"
     restored = tune.Tuner.can_restore(experiment_path)
     if restored:

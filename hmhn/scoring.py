@@ -165,36 +165,30 @@ class FrameScorer:
         self.input_size = model.config.input_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # An inference error (an undecodable crop, a CUDA fault) fails this batch's videos with a
+        # reason, never the run and never silently: the driver marks them failed (video_table).
+        try:
+            scores, error = self._score(batch["image"]), ""
+        except Exception as exc:
+            from pipeline.storage import redact
+
+            scores = np.full(len(batch["video_id"]), np.nan)
+            error = redact(f"inference failed ({type(exc).__name__}): {exc}")[:500]
+        return {"video_id": batch["video_id"], "frame_index": batch["frame_index"],
+                "timestamp_s": batch["timestamp_s"], "score": scores.astype(np.float64),
+                "error": np.full(len(batch["video_id"]), error, dtype=object)}
+
+    def _score(self, jpegs: np.ndarray) -> np.ndarray:
         import torch
 
         from hmhn.image import decode_jpeg, to_model_input
 
-        images = np.stack([decode_jpeg(data, self.input_size) for data in batch["image"]])
+        images = np.stack([decode_jpeg(data, self.input_size) for data in jpegs])
         with torch.no_grad():
             x = to_model_input(torch.from_numpy(images).to(self.device))
             # bf16 on GPU, fp32 on CPU: the same choice as training's evaluation (hmhn.train.predict_frames).
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                scores = self.scorer(x).float().cpu().numpy()
-        return {"video_id": batch["video_id"], "frame_index": batch["frame_index"],
-                "timestamp_s": batch["timestamp_s"], "score": scores.astype(np.float64)}
-
-
-def _size_inference_pool(num_actors: int) -> dict[str, Any]:
-    """One actor per GPU; on CPU few actors with several torch threads each. Reservations stay below
-    the cluster's CPUs so the parquet read tasks are never starved (the 2-core deadlock of ENVIRONMENT.md)."""
-    from pipeline.ray_utils import cluster_cpus, cluster_gpus
-
-    cpus, gpus = cluster_cpus(), cluster_gpus()
-    if gpus >= 1:
-        size = num_actors or int(gpus)
-        return {"size": size, "num_gpus": 1, "num_cpus": 1.0 if cpus >= 2 * size else 0.5, "threads": 2,
-                "use_gpu": True}
-    # CPU: torch parallelises one batch over threads, so few actors (one per 4 CPUs) with several
-    # threads each. The Ray reservation stays at <= 1 CPU per actor: reserving 1.5 of 2 CPUs hung the
-    # pipeline on a 2-core machine (read tasks starved), as in ENVIRONMENT.md.
-    size = num_actors or max(1, int(cpus // 4))
-    return {"size": size, "num_gpus": 0, "num_cpus": round(min(1.0, 0.75 * cpus / size), 3),
-            "threads": max(1, int(cpus // size)), "use_gpu": False}
+                return self.scorer(x).float().cpu().numpy()
 
 
 def read_committed_frames(batch: pa.Table, root: str) -> pa.Table:
@@ -218,6 +212,7 @@ def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 
     from ray.data import ActorPoolStrategy
 
     from pipeline.ray_utils import dataset_of_slices, init_ray
+    from pipeline.resources import alive_nodes, plan_inference_pool
     from pipeline.shardset import ShardIndex
 
     index = ShardIndex.load(shard_uri)
@@ -225,10 +220,11 @@ def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 
     entries = entries.filter(pc.is_in(entries.column("video_id"), pa.array(video_ids, pa.string())))
     if not entries.num_rows:
         return pd.DataFrame({"video_id": pd.Series(dtype=str), "frame_index": pd.Series(dtype="int64"),
-                             "timestamp_s": pd.Series(dtype="float64"), "score": pd.Series(dtype="float64")})
+                             "timestamp_s": pd.Series(dtype="float64"), "score": pd.Series(dtype="float64"),
+                             "error": pd.Series(dtype=str)})
     init_ray()
-    pool = _size_inference_pool(num_actors)
-    printer(f"[predict] inference actors: {pool['size']} x (CPU {pool['num_cpus']}, GPU {pool['num_gpus']}) "
+    pool = plan_inference_pool(alive_nodes(), num_actors)
+    printer(f"[predict] inference actors: {pool.size} x (CPU {pool.num_cpus:g}, GPU {pool.num_gpus:g}) "
             f"over {entries.num_rows} videos")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # Read tasks ask for a quarter CPU: with the actors' share they never exceed the cluster (no starvation).
@@ -239,9 +235,12 @@ def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 
     ds = ds.map_batches(
         FrameScorer, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model_state": state, "model_config": dataclasses.asdict(model.config),
-                               "use_gpu": pool["use_gpu"], "threads": pool["threads"]},
-        compute=ActorPoolStrategy(size=pool["size"]), num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
+                               "use_gpu": pool.use_gpu, "threads": pool.threads},
+        compute=ActorPoolStrategy(size=pool.size), num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
     )
+    # Every block must arrive: a read or inference task that fails for good fails the job (with Ray's
+    # error) instead of leaving videos unscored. Per-batch inference errors come back as rows (above).
+    ds.context.max_errored_blocks = 0
     frames = ds.to_pandas()
     return frames.sort_values(["video_id", "frame_index"], kind="stable").reset_index(drop=True)
 
@@ -251,7 +250,11 @@ def score_frames(model, shard_uri: str, video_ids: list[str], batch_size: int = 
 
 
 def video_table(manifest: pa.Table, status: pd.DataFrame, frames: pd.DataFrame, how: str = "mean") -> pd.DataFrame:
-    """One row per manifest video (manifest order) with OUTPUT_COLUMNS."""
+    """One row per manifest video (manifest order) with OUTPUT_COLUMNS. A video with a frame whose
+    inference failed (frames["error"]) is failed with that reason, not scored from its other frames."""
+    failed_rows = frames["error"].fillna("") != "" if "error" in frames else pd.Series(False, index=frames.index)
+    inference_error = frames[failed_rows].groupby("video_id")["error"].first().to_dict()
+    frames = frames[~frames["video_id"].isin(list(inference_error))]
     per_video = video_scores(frames["video_id"].tolist(), frames["score"].to_numpy(), how) if len(frames) else {}
     grouped = frames.groupby("video_id")["score"]
     counts, spread = grouped.size().to_dict(), grouped.std(ddof=0).to_dict()
@@ -261,7 +264,9 @@ def video_table(manifest: pa.Table, status: pd.DataFrame, frames: pd.DataFrame, 
         state = status_of.get(video_id, {"status": STATUS_FAILED, "reason": "not preprocessed (no status row)"})
         row = {"video_id": video_id, "score": np.nan, "frames_used": 0, "score_std": np.nan, "severity": "",
                "status": state["status"], "reason": state["reason"] or ""}
-        if video_id in per_video:
+        if video_id in inference_error:
+            row.update(status=STATUS_FAILED, reason=inference_error[video_id])
+        elif video_id in per_video:
             score = float(np.clip(per_video[video_id], 0.0, 63.0))
             row.update(score=score, frames_used=int(counts[video_id]), score_std=float(spread[video_id]),
                        severity=severity_band(score))
@@ -345,6 +350,9 @@ def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) 
         ok_ids = status.loc[status["status"] == STATUS_OK, "video_id"].tolist()
         frames = score_frames(model, shard_uri, ok_ids, config.batch_size, config.num_actors, printer)
         table = video_table(manifest, status, frames, config.aggregate)
+        failed = table[table["reason"].str.startswith("inference failed")]
+        if len(failed):
+            printer(f"[predict] inference failed for {len(failed)} video(s), marked failed: {failed['reason'].iloc[0]}")
         write_csv(table, config.output)
         if config.explain_dir and config.explain_videos:
             _explain(model, shard_uri, table, frames, config, printer)

@@ -57,9 +57,15 @@ class TrainConfig:
                                                         "it (default: hmhn-<date>-<time>)"})
     workers: int = field(default=2, metadata={"help": "Ray Train workers (one per GPU with --gpu)"})
     gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast, channels_last"})
-    cpus_per_worker: float = field(default=0.0, metadata={"help": "CPUs reserved per worker; 0 = half the "
-                                                                  "cluster's CPUs shared by the workers, the "
-                                                                  "other half left to the Ray Data pipeline"})
+    cpus_per_worker: float = field(default=0.0, metadata={"help": "CPUs reserved per worker; 0 = from the shape of "
+                                                                  "a node that can run a worker: half its CPUs per "
+                                                                  "GPU (or per worker), the other half left to the "
+                                                                  "Ray Data pipeline (pipeline/resources.py)"})
+    worker_resources: str = field(default="", metadata={"help": "extra Ray resources per worker, NAME=COUNT[,...] "
+                                                                "(e.g. a node-type label such as a100=1)"})
+    resource_wait_s: float = field(default=600.0, metadata={"help": "seconds to wait for the GPUs / worker resources "
+                                                                    "an autoscaler adds before failing (0 = fail at "
+                                                                    "once if they are not there)"})
     epochs: int = field(default=10, metadata={"help": "total epochs (a resumed run continues up to this)"})
     batch_size: int = field(default=32, metadata={"help": "frames per batch per worker"})
     frames_per_video: int = field(default=64, metadata={"help": "training frames drawn per video per epoch"})
@@ -118,6 +124,9 @@ class TrainConfig:
         if min(self.cpus_per_worker, self.eval_frames_per_video, self.final_eval_frames_per_video) < 0 \
                 or self.max_failures < -1:
             raise ValueError("cpus_per_worker and the eval frame counts must be >= 0, max_failures >= -1")
+        parse_worker_resources(self.worker_resources)  # ValueError naming the bad entry
+        if self.resource_wait_s < 0:
+            raise ValueError(f"resource_wait_s must be >= 0, got {self.resource_wait_s}")
         if self.promote and not self.register:
             raise ValueError("--promote needs --register (only a registered version can become champion)")
         from pipeline.storage import check_no_credentials
@@ -320,7 +329,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     master = rank == 0  # rank 0 logs to MLflow and writes checkpoints
-    torch.set_num_threads(loop["threads"])  # = CPUs reserved for this worker: no oversubscription
+    torch.set_num_threads(int(os.environ.get("HMHN_X_THREADS") or loop["threads"]))  # XXX experiment
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     if cuda:
@@ -386,10 +395,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         started = time.perf_counter()
         sums = np.zeros(3)  # total, regression, partition losses, weighted by batch size
         samples = 0
-        for step, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=config.batch_size, local_shuffle_buffer_size=shuffle_rows,
+        _xw = 0.0; _xfirst = None  # XXX experiment
+        _xit = iter(train_shard.iter_torch_batches(
+                batch_size=config.batch_size, local_shuffle_buffer_size=int(os.environ.get("HMHN_X_SHUFFLE") or shuffle_rows),
+                prefetch_batches=int(os.environ.get("HMHN_X_PREFETCH") or 1),
                 drop_last=True,  # a 1-frame last batch breaks BatchNorm in train mode
-                dtypes={"image": torch.uint8, "label": torch.float32})):
+                dtypes={"image": torch.uint8, "label": torch.float32}))
+        for step in range(10**9):
+            _t = time.perf_counter(); batch = next(_xit, None); _xw += time.perf_counter() - _t
+            if _xfirst is None: _xfirst = time.perf_counter() - started
+            if batch is None: break
             x = to_model_input(batch["image"].to(device, non_blocking=True))
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -435,7 +450,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                    "train_regression_loss": total_sums[1] / max(total_samples, 1),
                    "train_partition_loss": total_sums[2] / max(total_samples, 1),
                    "dev_rmse": dev["rmse"], "dev_mae": dev["mae"], "lr": lr, "train_samples": total_samples,
-                   "samples_per_s": total_samples / max(slowest, 1e-9), "epoch_seconds": slowest,
+                   "samples_per_s": total_samples / max(slowest, 1e-9), "epoch_seconds": slowest, "x_wait": _xw, "x_first": _xfirst, "x_threads": torch.get_num_threads(),
                    # the selection so far, on the capped per-epoch evaluation (best_* at the end: every frame)
                    "selected_dev_rmse": best["dev_rmse"], "best_epoch": best["epoch"], "start_epoch": start_epoch}
         history.append(metrics)
@@ -536,20 +551,47 @@ def _log_attention_maps(logger, model: HMHN, index: ShardIndex, config: TrainCon
 # The driver
 
 
-def worker_resources(config: TrainConfig, cluster_cpus: float, cluster_gpus: float) -> tuple[float, int]:
-    """(CPUs reserved per worker, torch threads per worker).
+def parse_worker_resources(text: str) -> dict[str, float]:
+    """"a100=1,fast_disk=0.5" -> {"a100": 1.0, "fast_disk": 0.5}; ValueError naming a bad entry."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, count = item.partition("=")
+        try:
+            value = float(count)
+        except ValueError:
+            value = -1.0
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) or not 0 < value < 1e6 \
+                or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"--worker-resources entry {item!r}: expected NAME=COUNT with a custom resource name "
+                             "(letters, digits, '_', '.', '-'; not CPU/GPU, which have their own options) and "
+                             "a count > 0")
+        out[name] = value
+    return out
 
-    Half of the cluster's CPUs go to the workers and half stay free for the Ray Data pipeline that
-    decodes and augments their frames: with 1 CPU per worker on a 2-core machine the data pipeline
-    gets none and training hangs (ENVIRONMENT.md).
-    """
-    if config.gpu and cluster_gpus < config.workers:
-        raise ValueError(f"--gpu with {config.workers} workers needs {config.workers} GPUs; "
-                         f"the Ray cluster has {cluster_gpus:g}")
-    cpus = config.cpus_per_worker or max(0.05, round(cluster_cpus / 2 / config.workers, 2))
-    if cpus * config.workers > cluster_cpus:
-        raise ValueError(f"{config.workers} workers x {cpus} CPUs exceed the cluster's {cluster_cpus:g} CPUs")
-    return cpus, max(1, int(cpus))
+
+def require_multi_node_ready(config: TrainConfig, tracking_uri: str) -> None:
+    """On a cluster of more than one node, refuse (before any work) what only works on one:
+    checkpoints on a node-local path, and an MLflow store in a local file (rank 0, which logs, may
+    run on another node and would write into its own empty database)."""
+    from pipeline.ray_utils import alive_node_count
+    from pipeline.storage import StorageError, require_shared_storage
+
+    nodes = alive_node_count()
+    if nodes <= 1:
+        return
+    if not config.storage_path:
+        raise StorageError(f"the Ray cluster has {nodes} nodes: --storage-path is required (checkpoints would go to "
+                           "each node's own ~/ray_results and the first upload from another node would fail). Use "
+                           "s3://bucket/ray_results or a mount shared by every node (HMHN_SHARED_PATHS)")
+    require_shared_storage(config.storage_path, "--storage-path", node_count=nodes)
+    scheme = tracking_uri.split(":", 1)[0] if "://" in tracking_uri else "file"
+    if scheme in ("sqlite", "file"):
+        from pipeline.storage import redact_uri
+
+        raise StorageError(f"the Ray cluster has {nodes} nodes but the MLflow store is a local {scheme} store "
+                           f"({redact_uri(tracking_uri)}): rank 0 logs from whichever node it runs on and would see "
+                           "its own empty database. Use an MLflow server: --mlflow-uri http://HOST:5000 "
+                           "(cluster/mlflow) or set MLFLOW_TRACKING_URI")
 
 
 def _test_kill_option(run_name: str) -> dict | None:
@@ -565,7 +607,8 @@ def run_training(config: TrainConfig) -> TrainingResult:
     from ray.train.torch import TorchTrainer
 
     from hmhn import tracking
-    from pipeline.ray_utils import cluster_cpus, cluster_gpus, init_ray
+    from pipeline.ray_utils import init_ray
+    from pipeline.resources import alive_nodes, plan_training, training_bundles, wait_for_resources
     from pipeline.storage import require_shared_storage
 
     if not config.data:
@@ -583,13 +626,13 @@ def run_training(config: TrainConfig) -> TrainingResult:
                          f"or --workers, or raise --frames-per-video)")
     init_ray()
     require_shared_storage(config.data, "--data")
-    if config.storage_path:
-        require_shared_storage(config.storage_path, "--storage-path")
-    total_cpus = cluster_cpus()
-    cpus_per_worker, threads = worker_resources(config, total_cpus, cluster_gpus())
-    # The frame-sampling tasks share what the workers leave free; a whole CPU each would not fit
-    # beside the workers on small nodes (two 1-CPU nodes: 0.6 per worker leaves 0.4 per node).
-    data_cpus = round(min(1.0, max(0.1, (total_cpus - cpus_per_worker * config.workers) / 2)), 2)
+    extra = parse_worker_resources(config.worker_resources)
+    # GPUs (or labelled nodes) that are not up yet: ask the autoscaler and wait, not fail.
+    wait_for_resources(training_bundles(config.workers, config.gpu, extra), f"{config.workers} training worker(s)",
+                       config.resource_wait_s, printer=lambda line: print(line, flush=True))
+    require_multi_node_ready(config, tracking_uri)
+    plan = plan_training(alive_nodes(), config.workers, config.gpu, config.cpus_per_worker, extra)
+    print(f"[hmhn] {plan.describe(config.workers, config.gpu)}", flush=True)
     run_name = config.run_name or time.strftime("hmhn-%Y%m%d-%H%M%S")
 
     run_id, resumed = tracking.start_or_resume_run(
@@ -606,11 +649,12 @@ def run_training(config: TrainConfig) -> TrainingResult:
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "data": config.data, "run_name": run_name,
                            "run_id": run_id, "tracking_uri": tracking_uri, "train_mean": train_mean,
-                           "threads": threads, "cpus_per_worker": cpus_per_worker,
+                           "threads": plan.threads, "cpus_per_worker": plan.cpus_per_worker,
                            "test_kill": _test_kill_option(run_name),
                            "test_nan_epoch": int(os.environ.get(NAN_ENV, "0") or 0)},
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
+                                               resources_per_worker={"CPU": plan.cpus_per_worker,
+                                                                     **plan.worker_resources}),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=config.storage_path or None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.num_to_keep,
@@ -618,7 +662,7 @@ def run_training(config: TrainConfig) -> TrainingResult:
                                                          checkpoint_score_order="min"),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
         datasets={"train": train_dataset(index, config.frames_per_video, config.model.input_size,
-                                         augmentation=config.augmentation, num_cpus=data_cpus)},
+                                         augmentation=config.augmentation, num_cpus=plan.data_cpus)},
         # dev/test never go through Ray's split (equal=True may drop rows): workers evaluate disjoint videos.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )

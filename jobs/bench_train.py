@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from hmhn import HMHNConfig, hmhn_loss  # noqa: E402
 from hmhn.data import open_shardset, sample_train_frames, write_synthetic_shardset  # noqa: E402
 from hmhn.image import to_model_input  # noqa: E402
-from hmhn.train import TrainConfig, build_model, make_optimizer, run_training, worker_resources  # noqa: E402
+from hmhn.train import TrainConfig, build_model, make_optimizer, run_training  # noqa: E402
 
 
 def plain_loop(config: TrainConfig, threads: int) -> list[float]:
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.ray_utils import cluster_cpus, init_ray
+    from pipeline.resources import alive_nodes, plan_training
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_synthetic_shardset(f"{tmp}/synth000", {"train": args.videos, "dev": 2},
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                              model=HMHNConfig(input_size=args.input_size))
         init_ray()
         cpus = cluster_cpus()
-        threads = args.threads or worker_resources(TrainConfig(workers=1), cpus, 0)[1]
+        threads = args.threads or plan_training(alive_nodes(), 1, False).threads
         steady = lambda rates: float(np.mean(rates[1:] if len(rates) > 1 else rates))  # noqa: E731
         results = {"plain": steady(plain_loop(config, threads))}
         for workers in args.workers:

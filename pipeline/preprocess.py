@@ -28,7 +28,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,9 @@ from pipeline.storage import redact, redact_uri, redacting_printer
 from pipeline.shardset import (CONFIG_FILE, FORMAT_VERSION, LOG_SCHEMA, SUMMARY_FILE, CommitLog, RunLock,
                                ShardFileWriter, delete_unreferenced_files, read_json, read_log, referenced_files,
                                ShardSetError, status_counts, write_index, write_json)
+
+if TYPE_CHECKING:
+    from pipeline.resources import DetectPoolPlan
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,16 @@ class PreprocessConfig:
                 "a subject in several splits (the default for csv)", "choices": SPLIT_POLICIES})
     split_seed: int = field(default=0, metadata={"help": "seed of --split-policy subject-disjoint"})
     jpeg_quality: int = field(default=92, metadata={"help": "JPEG quality of the stored face crops"})
-    num_detect_actors: int = field(default=0, metadata={"help": "detector actors (0 = sized from the cluster)"})
+    num_detect_actors: int = field(default=0, metadata={"help": "a fixed number of decode+detect actors (0 = an "
+                                                                "autoscaling pool: starts with what fits on the "
+                                                                "nodes, grows as nodes join)"})
+    max_detect_actors: int = field(default=0, metadata={"help": "upper bound of the autoscaling pool (0 = one actor "
+                                                                "per task)"})
+    video_timeout_s: float = field(default=3600.0, metadata={"help": "a video still decoding after this many seconds "
+                                                                     "fails with a reason and the run goes on "
+                                                                     "(0 = no deadline)"})
+    resource_wait_s: float = field(default=600.0, metadata={"help": "with --detector-use-gpu, seconds to wait for "
+                                                                    "GPU nodes an autoscaler adds before failing"})
     gpu_per_actor: float = field(default=0.25, metadata={"help": "GPU fraction per detector actor when --detector-use-gpu"})
     limit: int = field(default=0, metadata={"help": "process only the first N videos of the manifest (0 = all)"})
     progress_every_s: float = field(default=10.0, metadata={"help": "seconds between progress lines"})
@@ -89,8 +101,10 @@ class PreprocessConfig:
             raise ValueError("input is required (--input PATH_OR_URI)")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be 1..100, got {self.jpeg_quality}")
-        if min(self.num_detect_actors, self.limit, self.videos_per_task) < 0:
-            raise ValueError("num_detect_actors, limit and videos_per_task must be >= 0")
+        if min(self.num_detect_actors, self.max_detect_actors, self.limit, self.videos_per_task) < 0 \
+                or min(self.video_timeout_s, self.resource_wait_s) < 0:
+            raise ValueError("num_detect_actors, max_detect_actors, limit, videos_per_task, video_timeout_s and "
+                             "resource_wait_s must be >= 0")
         if not 0 < self.gpu_per_actor <= 1:
             raise ValueError(f"gpu_per_actor must be in (0, 1], got {self.gpu_per_actor}")
         if self.split_policy not in SPLIT_POLICIES:
@@ -106,9 +120,12 @@ class PreprocessConfig:
 def preprocess_version(config: PreprocessConfig) -> str:
     """Short hash of everything that changes the content of the shards (not where they go, how they
     are split into files, nor how many actors or which device made them)."""
+    # Options that do not change a shard's content stay out, so that e.g. adding a device option never
+    # orphans the registered models trained on existing shard sets.
     content = {
         "sampling": {k: v for k, v in dataclasses.asdict(config.sampling).items() if k not in ("backend", "chunk_frames")},
-        "detector": {k: v for k, v in dataclasses.asdict(config.detector).items() if k not in ("use_gpu", "intra_op_threads")},
+        "detector": {k: v for k, v in dataclasses.asdict(config.detector).items()
+                     if k not in getattr(DetectorConfig, "RUNTIME_FIELDS", ("use_gpu", "intra_op_threads"))},
         "align": dataclasses.asdict(config.align),
         "jpeg_quality": config.jpeg_quality,
         "schema": FORMAT_VERSION,
@@ -135,22 +152,61 @@ def _receipts(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{n: r.get(n) for n in RECEIPT_SCHEMA.names} for r in rows], schema=RECEIPT_SCHEMA)
 
 
-def _decode_guarded(uri: str, sampling: SamplingConfig) -> Iterator[tuple[FrameChunk | None, str]]:
+def _decode_guarded(uri: str, sampling: SamplingConfig, deadline_s: float = 0.0,
+                    started: float | None = None) -> Iterator[tuple[FrameChunk | None, str]]:
     """(chunk, "") per chunk, then on failure one (None, reason): decoding errors become data,
-    never exceptions, because one bad video must not stop the run."""
-    chunks = iter_frame_chunks(uri, sampling)
-    while True:
+    never exceptions, because one bad video must not stop the run.
+
+    Decoding runs in a thread, one chunk ahead of the caller (the next chunk decodes while this one
+    is detected). With `deadline_s` > 0 a video whose chunks stop coming before `started + deadline_s`
+    (a hung decoder, a stalled remote read) fails with a reason; the stuck thread is abandoned (a
+    thread cannot be killed; it stops at its next chunk if the call ever returns) and the actor goes
+    on with its next video. The deadline is checked between chunks, so it also bounds detection time,
+    but a detector call that itself never returns is not cut off.
+    """
+    import queue
+    import threading
+
+    started = time.time() if started is None else started
+    chunks: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def decode() -> None:
         try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
+            for chunk in iter_frame_chunks(uri, sampling):  # looked up at call time: tests patch it
+                if stop.is_set():
+                    return
+                chunks.put((chunk, ""))
+            chunks.put((None, None))
         except VideoDecodeError as exc:  # reasons repeat the uri: stored redacted (index, log, summary)
-            yield None, redact_uri(str(exc))
-            return
+            chunks.put((None, redact_uri(str(exc))))
         except Exception as exc:  # a decoder bug must not stop the run either; keep the type for triage
-            yield None, redact_uri(f"unexpected decoder error ({type(exc).__name__}): {exc}")
-            return
-        yield chunk, ""
+            chunks.put((None, redact_uri(f"unexpected decoder error ({type(exc).__name__}): {exc}")))
+
+    threading.Thread(target=decode, name="hmhn-decode", daemon=True).start()
+    try:
+        while True:
+            left = deadline_s - (time.time() - started) if deadline_s > 0 else None
+            try:
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                chunk, error = chunks.get(timeout=left)
+            except queue.Empty:
+                yield None, (f"deadline exceeded: no result after {deadline_s:g} s (--video-timeout-s); "
+                             "the decoder hung or the video is too long for the deadline")
+                return
+            if chunk is None:
+                if error:
+                    yield None, error
+                return
+            yield chunk, ""
+    finally:
+        stop.set()
+        while not chunks.empty():  # unblock a decoder waiting to put its next chunk
+            try:
+                chunks.get_nowait()
+            except queue.Empty:
+                break
 
 
 class VideoFaceCropper:
@@ -163,7 +219,8 @@ class VideoFaceCropper:
     """
 
     def __init__(self, sampling: SamplingConfig, detector: DetectorConfig, align: AlignConfig, root: str,
-                 version: str, jpeg_quality: int, target_file_mb: float, row_group_rows: int):
+                 version: str, jpeg_quality: int, target_file_mb: float, row_group_rows: int,
+                 video_timeout_s: float = 0.0):
         import cv2
 
         from pipeline.detect import make_detector
@@ -172,6 +229,7 @@ class VideoFaceCropper:
         self.detector = make_detector(detector)
         self.sampling, self.align = sampling, align
         self.version, self.jpeg_quality = version, jpeg_quality
+        self.video_timeout_s = video_timeout_s
         self.writer = ShardFileWriter(root, target_file_mb, row_group_rows)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
@@ -214,7 +272,7 @@ class VideoFaceCropper:
         counts = {"frames_decoded": 0, "faces_kept": 0, "multi_face_frames": 0}
         columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         error = ""
-        for chunk, error in _decode_guarded(str(row["uri"]), self.sampling):
+        for chunk, error in _decode_guarded(str(row["uri"]), self.sampling, self.video_timeout_s, started):
             if chunk is None:
                 break
             try:
@@ -275,24 +333,22 @@ CRASHED_REASON = ("worker process died while processing this video or another vi
                   "or out of memory); retried once")
 
 
-def _plan_stages(config: PreprocessConfig, n_videos: int) -> dict[str, Any]:
-    """How many detector actors, what each reserves, and how many videos go into one task (= one file)."""
-    from pipeline.ray_utils import cluster_cpus, cluster_gpus
+def _plan_pool(config: PreprocessConfig, n_videos: int, printer) -> "DetectPoolPlan":
+    """The detector actor pool (pipeline.resources). GPU detection asked for on a cluster without
+    GPUs waits for the autoscaler to add them; it runs on CPU only with --detector-allow-cpu-fallback."""
+    from pipeline.resources import alive_nodes, plan_detect_pool, wait_for_resources
 
-    cpus, gpus = cluster_cpus(), cluster_gpus()
-    on_gpu = config.detector.use_gpu and gpus > 0
-    if config.detector.use_gpu and not on_gpu:
-        log.warning("--detector-use-gpu was given but the cluster has no GPU: detecting on CPU")
-    if on_gpu:
-        size = config.num_detect_actors or max(1, int(gpus / config.gpu_per_actor))
-    else:
-        size = config.num_detect_actors or max(1, int(cpus))
-    # ~4 tasks per actor keep the tail short; up to 64 videos share a task's file.
-    per_task = config.videos_per_task or int(min(64, max(1, n_videos // (4 * size))))
-    tasks = -(-n_videos // per_task)
-    size = max(1, min(size, tasks))
-    return {"size": size, "num_cpus": round(min(1.0, cpus / size), 3),
-            "num_gpus": config.gpu_per_actor if on_gpu else 0.0, "videos_per_task": per_task, "tasks": tasks}
+    on_gpu = config.detector.use_gpu
+    if on_gpu and not any(n.gpus > 0 for n in alive_nodes()):
+        if config.detector.allow_cpu_fallback:
+            printer("[preprocess] WARNING: --detector-use-gpu but the cluster has no GPU; detecting on CPU "
+                    "(--detector-allow-cpu-fallback)")
+            on_gpu = False
+        else:
+            wait_for_resources([{"GPU": config.gpu_per_actor, "CPU": 1.0}], "GPU face detection",
+                               config.resource_wait_s, printer)
+    return plan_detect_pool(alive_nodes(), n_videos, on_gpu, config.gpu_per_actor, config.num_detect_actors,
+                            config.max_detect_actors, config.videos_per_task)
 
 
 def _check_inputs_shared(config: PreprocessConfig, todo: pa.Table) -> None:
@@ -387,21 +443,17 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
 
 def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: str, printer,
                started: float) -> dict[str, Any]:
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from pipeline.ray_utils import dataset_of_slices, describe_connection, init_ray
 
     init_ray()
     printer(f"[preprocess] Ray: {describe_connection()}")
     _check_inputs_shared(config, todo)
-    pool = _plan_stages(config, todo.num_rows)
-    per_task = pool["videos_per_task"]
-    printer(f"[preprocess] {pool['size']} decode+detect actors (CPU {pool['num_cpus']}, GPU {pool['num_gpus']}); "
-            f"{pool['tasks']} tasks of up to {per_task} videos, one shard file each (<= {config.target_file_mb:g} MB)")
-    ctx = DataContext.get_current()
-    # A task whose actor dies twice (decoder crash, OOM) fails only its block; its videos are then
-    # recorded as failed (below) instead of losing the whole run.
-    ctx.max_errored_blocks = pool["tasks"]
+    pool = _plan_pool(config, todo.num_rows, printer)
+    per_task = pool.videos_per_task
+    printer(f"[preprocess] {pool.describe()}; {pool.tasks} tasks of up to {per_task} videos, one shard file each "
+            f"(<= {config.target_file_mb:g} MB)")
     ds = dataset_of_slices(todo, per_task)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_task_retries yet; the **ray_remote_args route
@@ -412,15 +464,21 @@ def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: s
             fn_constructor_kwargs={"sampling": config.sampling, "detector": config.detector, "align": config.align,
                                    "root": out_uri, "version": preprocess_version(config),
                                    "jpeg_quality": config.jpeg_quality, "target_file_mb": config.target_file_mb,
-                                   "row_group_rows": config.row_group_rows},
-            # One task in flight per actor: a task queued on an actor dies with the actor when another
-            # video kills it, and would spend its one retry on someone else's crash.
-            compute=ActorPoolStrategy(size=pool["size"], max_tasks_in_flight_per_actor=1),
-            num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"] or None,
+                                   "row_group_rows": config.row_group_rows, "video_timeout_s": config.video_timeout_s},
+            # An autoscaling pool: starts with what fits, grows onto nodes that join. One task in
+            # flight per actor: a task queued on an actor dies with the actor when another video
+            # kills it, and would spend its one retry on someone else's crash.
+            compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                      initial_size=pool.initial_size, max_tasks_in_flight_per_actor=1),
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
             # Ray Data retries actor tasks for ever by default, so a video that kills its actor
             # would never end. One retry covers a lost node; then its videos are recorded as failed.
             max_task_retries=1,
         )
+    # A task whose actor dies twice (decoder crash, OOM) fails only its block; its videos are then
+    # recorded as failed (below) instead of losing the whole run. Set on this dataset's own context,
+    # not the process-wide one: batch scoring in the same process must not inherit the tolerance.
+    ds.context.max_errored_blocks = pool.tasks
     commit = CommitLog(out_uri, run_id, config.commit_every, config.commit_interval_s)
     frames = faces = videos = 0
     last_print = time.time()

@@ -157,3 +157,41 @@ def ray_with_s3(s3_server, ray_session):
         init_ray(num_cpus=2)
         assert ray_workers_see(s3_server.env), "Ray workers still do not see the S3 env"
     yield ray_session
+
+
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (sqlite store + artifacts in `folder`); yields its URL."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{Path(folder) / 'server.db'}",
+                             "--artifacts-destination", str(Path(folder) / "server-artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not come up")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -236,29 +236,35 @@ from pipeline.decode import SamplingConfig
 ray.init(address="local", num_cpus=2, include_dashboard=False,
          runtime_env={"worker_process_setup_hook": "tests.crash_injection.install"})
 config = PreprocessConfig(dataset="csv", input=sys.argv[1], output=sys.argv[2], num_detect_actors=1,
+                          video_timeout_s=float(sys.argv[3]),
                           sampling=SamplingConfig(mode="fps", fps=5.0, chunk_frames=4))
 print(json.dumps(run_preprocess(config, printer=lambda *a: None)))
 """
 
 
-def test_a_video_that_kills_its_worker_fails_alone(videos, tmp_path):
+def test_a_video_that_kills_or_hangs_its_decoder_fails_alone(videos, tmp_path):
     """A process death while decoding (segfault, OOM kill) fails that video only, after one retry,
-    instead of retrying for ever (Ray Data's default for actor tasks) or ending the run."""
-    from tests.crash_injection import CRASH_MARKER
+    instead of retrying for ever (Ray Data's default for actor tasks) or ending the run; a decoder
+    that hangs fails its video at the per-video deadline and the actor goes on with the next one."""
+    from tests.crash_injection import CRASH_MARKER, HANG_MARKER
 
     root, good, _ = videos
-    crasher = tmp_path / f"{CRASH_MARKER}.mp4"
+    crasher, hanger = tmp_path / f"{CRASH_MARKER}.mp4", tmp_path / f"{HANG_MARKER}.mp4"
     crasher.write_bytes(good["good0"].read_bytes())
-    items = {"before": good["good0"], "crasher": crasher, "after": good["good1"]}
+    hanger.write_bytes(good["good0"].read_bytes())
+    items = {"before": good["good0"], "crasher": crasher, "hanger": hanger, "after": good["good1"]}
     manifest = _write_manifest(tmp_path / "m.csv", _rows(items))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # workers import the hook
-    proc = subprocess.run([sys.executable, "-c", CRASH_DRIVER, str(manifest), str(tmp_path / "out")],
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", CRASH_DRIVER, str(manifest), str(tmp_path / "out"), "8"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.time() - started < 240  # the hung decoder did not hold the run (it sleeps an hour)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["ok"] == 2 and summary["failed"] == 1, summary["problems"]
+    assert summary["ok"] == 2 and summary["failed"] == 2, summary["problems"]
     assert "worker process died" in summary["problems"]["crasher"]
+    assert summary["problems"]["hanger"].startswith("failed: deadline exceeded: no result after 8 s (--video-timeout-s)")
     table = _read_shards(summary["shard_set"])
     assert set(table.column("video_id").to_pylist()) == {"before", "after"}
 

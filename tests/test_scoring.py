@@ -68,6 +68,11 @@ def test_predict_job_matches_direct_evaluation_and_records_bad_videos(ray_sessio
                           str(no_face), "--output", str(output), "--workdir", str(workdir),
                           "--explain-dir", str(explain), "--explain-videos", "1"])
     assert exit_code == 0
+    from ray.data import DataContext
+
+    # Preprocessing ran in this process with its crash tolerance; scoring's own datasets must not
+    # have inherited it (scoring sets 0 on its dataset; this checks the process-wide default).
+    assert DataContext.get_current().max_errored_blocks == 0
 
     table = pd.read_csv(output, keep_default_na=False, na_values=[""])
     assert list(table.columns) == ["video_id", "score", "frames_used", "score_std", "severity", "status", "reason"]
@@ -139,3 +144,46 @@ def test_config_and_input_errors_are_clear(tmp_path):
     with pytest.raises(ScoringError, match="not found"):
         build_manifest(ScoringConfig(model="m", input=(str(tmp_path / "missing.mp4"),)))
     assert ScoringConfig(model="m", input="one.mp4").input == ("one.mp4",)
+
+
+def _corrupt_images(shard_set: str, video_id: str) -> None:
+    """Overwrite one committed video's JPEG bytes in place (same row groups), as bit rot would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.shardset import ShardIndex
+
+    entry = next(v for v in ShardIndex.load(shard_set).videos(with_frames=True) if v.video_id == video_id)
+    path = Path(shard_set) / entry.file
+    source = pq.ParquetFile(path)
+    groups = [source.read_row_group(i) for i in range(source.num_row_groups)]
+    for g in range(entry.row_group_first, entry.row_group_first + entry.row_group_count):
+        column = groups[g].schema.get_field_index("image")
+        groups[g] = groups[g].set_column(column, "image", pa.array([b"not a jpeg"] * groups[g].num_rows, pa.binary()))
+    schema = source.schema_arrow
+    source.close()
+    with pq.ParquetWriter(path, schema) as out:
+        for table in groups:
+            out.write_table(table, row_group_size=max(1, table.num_rows))
+
+
+def test_a_failed_inference_batch_fails_its_videos_with_the_reason(ray_session, tmp_path):
+    """Inference errors surface as failed videos with a reason; the other videos are still scored."""
+    from hmhn.data import write_synthetic_shardset
+    from hmhn.scoring import read_status, score_frames, video_table
+    from pipeline.shardset import ShardIndex
+
+    shard_set = write_synthetic_shardset(str(tmp_path / "synth"), {"test": 3}, frames_per_video=4,
+                                         size=INPUT_SIZE, row_group_rows=4, videos_per_file=3)
+    _corrupt_images(shard_set, "test_001")
+    lines: list[str] = []
+    ids = ["test_000", "test_001", "test_002"]
+    frames = score_frames(small_scoring_model(seed=1), shard_set, ids, batch_size=4, num_actors=1,
+                          printer=lines.append)
+    manifest = ShardIndex.load(shard_set, columns=["video_id"]).table
+    table = video_table(manifest, read_status(shard_set), frames).set_index("video_id")
+    assert table.loc["test_001", "status"] == "failed"
+    assert table.loc["test_001", "reason"].startswith("inference failed (")  # the decoder's error follows
+    assert np.isnan(table.loc["test_001", "score"]) and table.loc["test_001", "frames_used"] == 0
+    assert (table.loc[["test_000", "test_002"], "status"] == "ok").all()
+    assert table.loc[["test_000", "test_002"], "frames_used"].tolist() == [4, 4]

@@ -14,11 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +24,8 @@ from hmhn import HMHN, HMHNConfig
 from hmhn.data import (ShardSetError, check_trainable, open_shardset, sample_train_frames, uniform_positions,
                        write_synthetic_shardset)
 from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, NAN_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
-                        run_training, worker_resources)
-from tests.conftest import mlflow_store_in
+                        run_training)
+from tests.conftest import mlflow_store_in, running_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # crops and model input: HMHN needs a multiple of its 4x4 grid, >= 32
@@ -122,14 +117,6 @@ def test_cli_reports_missing_shards(tmp_path, monkeypatch):
         job["main"](["--data", str(tmp_path), "--input-size", "64", "--num-heads", "2"])
     with pytest.raises(SystemExit):
         job["main"](["--epochs", "2"])  # --data is required
-
-
-def test_worker_resources_leave_cpu_for_data():
-    assert worker_resources(TrainConfig(workers=2), 2, 0) == (0.5, 1)
-    assert worker_resources(TrainConfig(workers=1), 2, 0) == (1.0, 1)
-    assert worker_resources(TrainConfig(workers=8, gpu=True), 64, 8) == (4.0, 4)
-    with pytest.raises(ValueError, match="needs 8 GPUs"):
-        worker_resources(TrainConfig(workers=8, gpu=True), 64, 4)
 
 
 def test_attention_maps_only_rendered_when_asked(shard_root):
@@ -314,40 +301,10 @@ def test_mlflow_run_contents(trained):
 # A real MLflow server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not come up")
-            time.sleep(0.5)
+    with running_mlflow_server(tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, tmp_path, monkeypatch):
