@@ -329,8 +329,8 @@ def _failed_all(entries: list[dict[str, Any]], reason: str) -> list[dict[str, An
 # The driver
 
 
-CRASHED_REASON = ("worker process died while processing this video or another video of its task (decoder crash "
-                  "or out of memory); retried once")
+CRASHED_REASON = ("worker process died while processing this video (decoder crash or out of memory); retried once "
+                  "with its task and once alone")
 
 
 def _plan_pool(config: PreprocessConfig, n_videos: int, printer) -> "DetectPoolPlan":
@@ -443,17 +443,50 @@ def run_preprocess(config: PreprocessConfig, manifest: pa.Table | None = None,
 
 def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: str, printer,
                started: float) -> dict[str, Any]:
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.ray_utils import dataset_of_slices, describe_connection, init_ray
+    """Every video of `todo` through the actor pool; then the videos lost with a dead worker or node
+    (their task died twice: a crash, OOM, or a node lost before Ray noticed) once more, each in a
+    task of its own, so that a video only fails for what it does itself, not for a task-mate or a node."""
+    from pipeline.ray_utils import describe_connection, init_ray
 
     init_ray()
     printer(f"[preprocess] Ray: {describe_connection()}")
     _check_inputs_shared(config, todo)
     pool = _plan_pool(config, todo.num_rows, printer)
+    printer(f"[preprocess] {pool.describe()}; {pool.tasks} tasks of up to {pool.videos_per_task} videos, one shard "
+            f"file each (<= {config.target_file_mb:g} MB)")
+    commit = CommitLog(out_uri, run_id, config.commit_every, config.commit_interval_s)
+    progress = {"frames": 0, "faces": 0, "videos": 0, "total": todo.num_rows}
+    _run_pass(config, todo, out_uri, pool, commit, progress, printer, started, max_task_retries=1)
+    lost = _lost_videos(out_uri, run_id, todo)
+    if lost.num_rows:
+        printer(f"[preprocess] {lost.num_rows} video(s) lost with a dead worker or node; retrying each alone once")
+        alone = dataclasses.replace(pool, videos_per_task=1, tasks=lost.num_rows, min_size=min(pool.min_size, lost.num_rows),
+                                    max_size=min(pool.max_size, lost.num_rows),
+                                    initial_size=min(pool.initial_size, lost.num_rows))
+        _run_pass(config, lost, out_uri, alone, commit, progress, printer, started, max_task_retries=0)
+        lost = _lost_videos(out_uri, run_id, lost)
+    if lost.num_rows:
+        commit.add_table(_receipts(_failed_all(
+            [{**r, "kind": "video", "frames_decoded": 0, "seconds": 0.0} for r in lost.select(list(_VIDEO_META)).to_pylist()],
+            CRASHED_REASON)))
+        commit.flush()
+    return {"log_objects_written": commit.objects_written}
+
+
+def _lost_videos(out_uri: str, run_id: str, todo: pa.Table) -> pa.Table:
+    """Videos of `todo` this run has not logged: one anti-join, not a lookup per video."""
+    logged = read_log(out_uri, ["video_id", "run_id"])
+    this_run = logged.filter(pc.equal(logged.column("run_id"), run_id)).column("video_id")
+    return todo.filter(pc.invert(pc.is_in(todo.column("video_id"), this_run)))
+
+
+def _run_pass(config: PreprocessConfig, todo: pa.Table, out_uri: str, pool: "DetectPoolPlan", commit: CommitLog,
+              progress: dict[str, int], printer, started: float, max_task_retries: int) -> None:
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.ray_utils import dataset_of_slices
+
     per_task = pool.videos_per_task
-    printer(f"[preprocess] {pool.describe()}; {pool.tasks} tasks of up to {per_task} videos, one shard file each "
-            f"(<= {config.target_file_mb:g} MB)")
     ds = dataset_of_slices(todo, per_task)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_task_retries yet; the **ray_remote_args route
@@ -467,45 +500,39 @@ def _run_graph(config: PreprocessConfig, todo: pa.Table, out_uri: str, run_id: s
                                    "row_group_rows": config.row_group_rows, "video_timeout_s": config.video_timeout_s},
             # An autoscaling pool: starts with what fits, grows onto nodes that join. One task in
             # flight per actor: a task queued on an actor dies with the actor when another video
-            # kills it, and would spend its one retry on someone else's crash.
+            # kills it, and would spend its retry on someone else's crash.
             compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
                                       initial_size=pool.initial_size, max_tasks_in_flight_per_actor=1),
             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
             # Ray Data retries actor tasks for ever by default, so a video that kills its actor
-            # would never end. One retry covers a lost node; then its videos are recorded as failed.
-            max_task_retries=1,
+            # would never end. One retry covers a lost node; the pass for lost videos gets none.
+            max_task_retries=max_task_retries,
         )
-    # A task whose actor dies twice (decoder crash, OOM) fails only its block; its videos are then
-    # recorded as failed (below) instead of losing the whole run. Set on this dataset's own context,
+    # A task whose actor dies for good fails only its block; its videos are then retried alone or
+    # recorded as failed (above) instead of losing the whole run. Set on this dataset's own context,
     # not the process-wide one: batch scoring in the same process must not inherit the tolerance.
     ds.context.max_errored_blocks = pool.tasks
-    commit = CommitLog(out_uri, run_id, config.commit_every, config.commit_interval_s)
-    frames = faces = videos = 0
+    # Ray Data grows an actor pool when tasks in flight / (actors x tasks per actor) passes 1.75 (it
+    # expects 4 queued tasks per actor); with one task per actor a fully busy pool is at 1.0 and would
+    # never grow onto nodes that join.
+    ds.context.autoscaling_config = dataclasses.replace(ds.context.autoscaling_config,
+                                                        actor_pool_util_upscaling_threshold=0.99)
     last_print = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         is_video = pc.equal(batch.column("kind"), "video")
-        progress = batch.filter(pc.invert(is_video))
-        frames += int(pc.sum(progress.column("frames_decoded")).as_py() or 0)
-        faces += int(pc.sum(progress.column("faces_kept")).as_py() or 0)
+        chunks = batch.filter(pc.invert(is_video))
+        progress["frames"] += int(pc.sum(chunks.column("frames_decoded")).as_py() or 0)
+        progress["faces"] += int(pc.sum(chunks.column("faces_kept")).as_py() or 0)
         done = batch.filter(is_video)
         if done.num_rows:
             commit.add_table(done)
-            videos += done.num_rows
+            progress["videos"] += done.num_rows
         if time.time() - last_print >= config.progress_every_s:
             last_print = time.time()
-            printer(f"[preprocess] {videos}/{todo.num_rows} videos | {frames} frames decoded | {faces} faces | "
-                    f"{frames / max(1e-9, time.time() - started):.1f} frames/s")
+            printer(f"[preprocess] {progress['videos']}/{progress['total']} videos | {progress['frames']} frames "
+                    f"decoded | {progress['faces']} faces | "
+                    f"{progress['frames'] / max(1e-9, time.time() - started):.1f} frames/s")
     commit.flush()
-    # Videos of tasks that died twice never reported: one anti-join, not a lookup per video.
-    logged = read_log(out_uri, ["video_id", "run_id"])
-    this_run = logged.filter(pc.equal(logged.column("run_id"), run_id)).column("video_id")
-    lost = todo.filter(pc.invert(pc.is_in(todo.column("video_id"), this_run)))
-    if lost.num_rows:
-        commit.add_table(_receipts(_failed_all(
-            [{**r, "kind": "video", "frames_decoded": 0, "seconds": 0.0} for r in lost.select(list(_VIDEO_META)).to_pylist()],
-            CRASHED_REASON)))
-        commit.flush()
-    return {"log_objects_written": commit.objects_written}
 
 
 def _summary(out_uri: str, config_doc: dict[str, Any], manifest: pa.Table, index: pa.Table, run_id: str,

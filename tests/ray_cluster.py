@@ -39,10 +39,15 @@ class LocalRayCluster:
         self.port, self.dash_port = free_port(), free_port()
         self.with_dashboard = with_dashboard
         self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[str, subprocess.Popen] = {}  # name -> its `ray start --block` process
+        self._node_ids: dict[str, str] = {}  # name -> Ray node id (worker nodes)
         self.token = secrets.token_hex(32)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         self.env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
-                        PYTHONUNBUFFERED="1")
+                        PYTHONUNBUFFERED="1",
+                        # A killed node is declared dead after ~3 s instead of Ray's default ~30 s.
+                        RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
+                        RAY_health_check_timeout_ms="1000")
         # `python` in a job's entrypoint is the project's interpreter, as in an activated venv.
         self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
         self.env.pop("HMHN_SHARED_PATHS", None)
@@ -71,6 +76,7 @@ class LocalRayCluster:
         while time.time() < deadline:
             text = (Path(self.temp_dir) / f"{name}.log").read_text()
             if "Ray runtime started" in text:
+                self.nodes[name] = proc
                 return True
             if proc.poll() is not None:
                 break
@@ -96,16 +102,47 @@ class LocalRayCluster:
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port)])
         if not self.two_nodes:
             return
-        self._start("worker", [
-            "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-            "--resources", json.dumps({"second_node": 1})])
+        self.add_node("worker", {"second_node": 1})
+
+    def node_ids_by_name(self) -> dict[str, str]:
+        """{name: node id} of the worker nodes started by add_node and still running."""
+        return dict(self._node_ids)
+
+    def alive_node_ids(self) -> list[str]:
+        return self.query("print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+
+    def add_node(self, name: str, resources: dict[str, float], num_cpus: float = 1) -> str:
+        """Start one more node (`ray start --address`) with these custom resources; its node id."""
+        before = set(self.alive_node_ids())
+        self._start(name, ["--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", f"{num_cpus:g}",
+                           "--resources", json.dumps(resources)])
         deadline = time.time() + 60
         while time.time() < deadline:
-            info = self.query("import ray; print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
-            if len(info) == 2:
-                return
+            new = set(self.alive_node_ids()) - before
+            if new:
+                self._node_ids[name] = new.pop()
+                return self._node_ids[name]
             time.sleep(1)
-        raise RuntimeError("the second node never joined")
+        raise RuntimeError(f"node {name} never joined")
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of one node (raylet, object store, workers, agents), as a lost
+        machine; returns once the cluster has declared it dead."""
+        proc = self.nodes.pop(name)
+        self._node_ids.pop(name, None)
+        before = len(self.alive_node_ids())
+        for pid in self._session_pids({proc.pid}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        self.procs.remove(proc)
+        deadline = time.time() + 60
+        while len(self.alive_node_ids()) >= before:
+            if time.time() > deadline:
+                raise RuntimeError(f"the cluster still counts node {name} as alive")
+            time.sleep(1)
 
     def _session_pids(self, sids: set[int] | None = None) -> list[int]:
         """Every live process in the sessions of our `ray start` processes (a Ray worker may
@@ -184,12 +221,32 @@ class LocalRayCluster:
             "        out.add((ev.job_id.hex(), ev.task_info.name, ev.state_updates.node_id.hex()))\n"
             "print(json.dumps(sorted(out)))")
 
+    def submit_in_background(self, entry: list[str], log_path: Path, env_vars: dict[str, str] | None = None,
+                             setup_hook: str = "") -> subprocess.Popen:
+        """`ray job submit` without waiting: its output streams into `log_path` (see wait_for_line).
+
+        For jobs during which nodes join or die. No --working-dir: every node of this loopback
+        cluster shares one session folder, and a node that joins cleans its runtime_resources, which
+        deletes the running job's unpacked working dir (its cwd). On real machines each node has
+        its own disk; here the checkout itself is the job's code (absolute script path, PYTHONPATH).
+        """
+        runtime_env = {"env_vars": {"PYTHONPATH": str(REPO), **(env_vars or {})},
+                       **({"worker_process_setup_hook": setup_hook} if setup_hook else {})}
+        if entry[0] == "python" and not Path(entry[1]).is_absolute():
+            entry = ["python", str(REPO / entry[1]), *entry[2:]]
+        cmd = [RAY, "job", "submit", "--address", self.dashboard_url,
+               "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
+        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+    EXCLUDES = (".venv/", ".git/", "data/", "mlruns/", "mlartifacts/", "*.db")
+
     def submit(self, entry: list[str], env_vars: dict[str, str] | None = None,
-               timeout: int = 900) -> subprocess.CompletedProcess:
+               timeout: int = 900, via_job_server: bool = True) -> subprocess.CompletedProcess:
+        """Run a job to its end. `via_job_server=False`: a driver on this machine with RAY_ADDRESS
+        (what `ray job submit` does, minus its few seconds of packaging and supervision)."""
         env_vars = dict(env_vars or {})
-        if self.with_dashboard:  # the real thing: `ray job submit` to the job server
-            runtime_env = {"env_vars": env_vars,
-                           "excludes": [".venv/", ".git/", "data/", "mlruns/", "mlartifacts/", "*.db"]}
+        if self.with_dashboard and via_job_server:  # the real thing: `ray job submit` to the job server
+            runtime_env = {"env_vars": env_vars, "excludes": list(self.EXCLUDES)}
             cmd = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
                    "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
             env = self.env
@@ -206,3 +263,19 @@ class LocalRayCluster:
             if "No available agent to submit job" not in out.stderr or time.time() > deadline:
                 return out
             time.sleep(3)
+
+
+def wait_for_line(log_path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Block until a line of `log_path` matches regex `pattern`; the line. Fails if `proc` ends first."""
+    import re
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = Path(log_path).read_text(errors="replace")
+        match = re.search(pattern, text, re.M)
+        if match:
+            return match.group(0)
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before printing {pattern!r}:\n{text[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"no line matching {pattern!r} after {timeout:g} s:\n{Path(log_path).read_text()[-4000:]}")
