@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install gpu-install clean-demo bench
+.PHONY: demo test install gpu-install clean-demo bench gpu-check gpu-check-dry-run
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -33,6 +33,18 @@ gpu-install: $(STAMP)
 	$(PY) -m pip uninstall -y onnxruntime onnxruntime-gpu
 	$(PY) -m pip install --no-deps "onnxruntime-gpu==1.31.1"
 	$(PY) -m pip install $(ORT_GPU_CUDA_LIBS)
+
+# `make gpu-check` on a GPU node (docs/GPU.md): installs the GPU extras, then measures the GPU paths
+# (model, detection, preprocessing, training, predict) and proves CUDA kernels ran; JSON report in
+# $OUT/gpu_check.json or ./gpu_check.json. Script options go in GPU_CHECK_ARGS (`make gpu-check --dry-run`
+# would be make's own -n): `make gpu-check GPU_CHECK_ARGS=--dry-run` or `make gpu-check-dry-run` runs the
+# CPU dry run (CI) WITHOUT gpu-install, which would swap in onnxruntime-gpu.
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(findstring --dry-run,$(GPU_CHECK_ARGS)),$(STAMP),gpu-install)
+	$(PY) jobs/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-check-dry-run: $(STAMP)
+	$(PY) jobs/gpu_check.py --dry-run $(filter-out --dry-run,$(GPU_CHECK_ARGS))
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py --workdir $(DEMO_DIR)

