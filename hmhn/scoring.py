@@ -34,11 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from hmhn.metrics import AGGREGATIONS, video_scores
+from pipeline.manifest import DATASETS
 from pipeline.schema import STATUS_FAILED, STATUS_NO_FACE, STATUS_OK, severity_band
 
 log = logging.getLogger(__name__)
 
-INPUT_KINDS = ("auto", "videos", "csv", "avec2013", "avec2014")
+INPUT_KINDS = ("auto", "videos", *DATASETS)
 OUTPUT_COLUMNS = ["video_id", "score", "frames_used", "score_std", "severity", "status", "reason"]
 FRAME_COLUMNS = ["video_id", "frame_index", "timestamp_s", "image"]
 

@@ -23,7 +23,7 @@ import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Callable, ClassVar, Protocol, Sequence, runtime_checkable
 
 import cv2
 import numpy as np
@@ -113,6 +113,8 @@ class DetectorConfig:
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("use_gpu", "allow_cpu_fallback", "intra_op_threads", "batch_frames")
 
     def __post_init__(self) -> None:
+        if self.name not in DETECTOR_NAMES:  # here, not in a Ray actor after the run has started
+            raise ValueError(f"unknown face detector {self.name!r}; choose one of {DETECTOR_NAMES}")
         if self.min_face_size < 12:
             raise ValueError(f"min_face_size must be >= 12 (P-Net's cell size), got {self.min_face_size}")
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -662,9 +664,17 @@ class ScrfdDetector:
 # --------------------------------------------------------------------------------------------
 
 
+# The registry of face detectors (`--detector-name`). To add one: a class with detect_batch /
+# providers taking a DetectorConfig, its name in DETECTOR_NAMES (top: config validation and CLI
+# choices need it before the classes exist) and one line here.
+DETECTORS: dict[str, Callable[[DetectorConfig], FaceDetector]] = {
+    "mtcnn": MtcnnDetector,
+    "scrfd": ScrfdDetector,
+}
+assert tuple(DETECTORS) == DETECTOR_NAMES, "DETECTOR_NAMES and DETECTORS must list the same detectors"
+
+
 def make_detector(config: DetectorConfig = DetectorConfig()) -> FaceDetector:
-    if config.name == "mtcnn":
-        return MtcnnDetector(config)
-    if config.name == "scrfd":
-        return ScrfdDetector(config)
-    raise ValueError(f"unknown face detector {config.name!r}; choose one of {DETECTOR_NAMES}")
+    if config.name not in DETECTORS:
+        raise ValueError(f"unknown face detector {config.name!r}; choose one of {DETECTOR_NAMES}")
+    return DETECTORS[config.name](config)

@@ -56,6 +56,7 @@ import posixpath
 import random
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import pyarrow as pa
@@ -79,7 +80,6 @@ __all__ = [
     "write_manifest_csv",
 ]
 
-DATASETS = ("avec2013", "avec2014", "csv")
 SPLIT_POLICIES = ("official", "subject-disjoint", "strict")
 CSV_REQUIRED_COLUMNS = ("video_id", "subject_id", "split", "label", "uri")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm")
@@ -113,9 +113,25 @@ class ManifestError(ValueError):
 # Public API
 # --------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class DatasetLayout:
+    """One input layout (a `--dataset` name): how its files become manifest rows.
+
+    read(source, labels_folder) -> (rows, problems, unplaced): rows are MANIFEST_SCHEMA dicts,
+    problems one message per bad entry, unplaced video files that match the layout's naming but
+    no partition folder (for the "no videos found" message). To add a layout, write its reader
+    here and add one line to DATASET_LAYOUTS (bottom of this module).
+    """
+
+    read: Callable[[str, str | None], tuple[list[dict], list[str], list[str]]]
+    default_split_policy: str = "official"   # "official": partitions as shipped; "strict" for own splits
+    takes_labels_folder: bool = True         # --labels DIR of label files kept apart from the videos
+    row_name: Callable[[int], str] = lambda i: f"row {i}"   # how a problem names its entry
+
+
 def default_split_policy(dataset: str) -> str:
     """"official" for the AVEC datasets (partitions as shipped), "strict" for CSV manifests."""
-    return "strict" if dataset.lower() == "csv" else "official"
+    return DATASET_LAYOUTS[dataset.lower()].default_split_policy
 
 
 def is_safe_video_id(video_id) -> bool:
@@ -135,28 +151,25 @@ def load_manifest(dataset: str, source: str, labels: str | None = None,
       ("official" for AVEC, "strict" for CSV). split_seed: the seed of "subject-disjoint".
     """
     dataset = dataset.lower()
-    if dataset not in DATASETS:
+    if dataset not in DATASET_LAYOUTS:
         raise ManifestError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    layout = DATASET_LAYOUTS[dataset]
     labels = labels or None  # "" (an unset command-line option) = no labels folder
-    policy = _check_policy(split_policy or default_split_policy(dataset))
-    if dataset == "csv":
-        if labels is not None:
-            raise ManifestError("labels= applies to the AVEC layouts only; a CSV manifest carries "
-                                "its labels in its label column")
-        rows, problems = _rows_from_csv(source)
-    else:
-        parse = _parse_avec2014_video if dataset == "avec2014" else _parse_avec2013_video
-        rows, problems, unplaced = _rows_from_avec(source, parse, labels)
-        if not rows and not problems and unplaced:
-            raise ManifestError(
-                f"no videos found in {source} for dataset {dataset!r}: {len(unplaced)} video file(s) "
-                f"are named like {dataset} videos but lie under no Training/Development/Testing "
-                f"folder, e.g. {unplaced[0]} (see docs/AVEC.md for the expected layout)")
+    policy = _check_policy(split_policy or layout.default_split_policy)
+    if labels is not None and not layout.takes_labels_folder:
+        raise ManifestError(f"labels= applies to the AVEC layouts only, not to --dataset {dataset}: its manifest "
+                            "carries its labels in its label column")
+    rows, problems, unplaced = layout.read(source, labels)
+    if not rows and not problems and unplaced:
+        raise ManifestError(
+            f"no videos found in {source} for dataset {dataset!r}: {len(unplaced)} video file(s) "
+            f"are named like {dataset} videos but lie under no Training/Development/Testing "
+            f"folder, e.g. {unplaced[0]} (see docs/AVEC.md for the expected layout)")
     if not rows and not problems:
         raise ManifestError(f"no videos found in {source} for dataset {dataset!r} "
                             f"(see docs/AVEC.md / pipeline/manifest.py for the expected layout)")
     table = _to_table(rows)
-    row_name = _csv_row_name if dataset == "csv" else _table_row_name
+    row_name = layout.row_name
     # subject-disjoint re-splits, so the shipped partitions may share subjects
     check = "official" if policy == "subject-disjoint" else policy
     _raise_if_problems(problems + _find_problems(table, require_labels=False, row_name=row_name,
@@ -675,3 +688,22 @@ def _resolve_uri(uri: str, base: str) -> str:
     if "://" in base:
         return posixpath.join(base, uri)
     return os.path.normpath(os.path.join(base, uri))
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of input layouts (--dataset NAME)
+# --------------------------------------------------------------------------------------------
+
+def _read_csv(source: str, labels: str | None) -> tuple[list[dict], list[str], list[str]]:
+    rows, problems = _rows_from_csv(source)
+    return rows, problems, []
+
+
+DATASET_LAYOUTS: dict[str, DatasetLayout] = {
+    "avec2013": DatasetLayout(lambda source, labels: _rows_from_avec(source, _parse_avec2013_video, labels),
+                              row_name=_table_row_name),
+    "avec2014": DatasetLayout(lambda source, labels: _rows_from_avec(source, _parse_avec2014_video, labels),
+                              row_name=_table_row_name),
+    "csv": DatasetLayout(_read_csv, default_split_policy="strict", takes_labels_folder=False, row_name=_csv_row_name),
+}
+DATASETS = tuple(DATASET_LAYOUTS)

@@ -38,6 +38,8 @@ from pipeline.align import AlignConfig, align_face, pick_face
 from pipeline.decode import FrameChunk, SamplingConfig, VideoDecodeError, iter_frame_chunks
 from pipeline.detect import DetectorConfig
 from pipeline.jpeg import encode_jpeg
+from pipeline.manifest import DATASETS
+from pipeline.manifest import SPLIT_POLICIES as MANIFEST_SPLIT_POLICIES
 from pipeline.schema import SHARD_SCHEMA, STATUS_FAILED, STATUS_NO_FACE, STATUS_OK
 from pipeline.storage import redact, redact_uri, redacting_printer
 from pipeline.shardset import (CONFIG_FILE, FORMAT_VERSION, LOG_SCHEMA, SUMMARY_FILE, CommitLog, RunLock,
@@ -49,8 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("avec2013", "avec2014", "csv")
-SPLIT_POLICIES = ("", "official", "subject-disjoint", "strict")
+SPLIT_POLICIES = ("", *MANIFEST_SPLIT_POLICIES)
 
 
 @dataclass(frozen=True)
