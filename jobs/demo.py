@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.decode import SamplingConfig  # noqa: E402
+from pipeline.cli import add_verbose_flag, apply_verbose_flag  # noqa: E402
 from pipeline.demo_data import DemoDataConfig, make_demo_dataset  # noqa: E402
 from pipeline.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
 from pipeline.storage import CredentialsInURIError, check_no_credentials, install_log_redaction  # noqa: E402
@@ -49,6 +50,7 @@ def _demo_data(workdir: Path, config: DemoDataConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(parser)
     parser.add_argument("--workdir", default="data/demo", help="where demo videos and shards go")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs")
     parser.add_argument("--frames-per-video", type=int, default=32, help="training frames drawn per video per epoch")
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default="hmhn-demo", help="registered model name")
     parser.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     args = parser.parse_args(argv)
+    apply_verbose_flag(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     try:

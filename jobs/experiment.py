@@ -34,7 +34,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 from hmhn import HMHNConfig, LossConfig  # noqa: E402
 from hmhn.experiment import GRIDS, ExperimentConfig, load_grid_file, run_experiment  # noqa: E402
 from hmhn.train import TrainConfig  # noqa: E402
-from pipeline.cli import add_config_arguments, build_config  # noqa: E402
+from pipeline.cli import (add_config_arguments, add_verbose_flag, apply_verbose_flag,  # noqa: E402
+                          build_config)
 from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
 
 EXPERIMENT_SET = ("data", "run_name", "seed", "register", "promote", "workers", "storage_path")
@@ -42,6 +43,7 @@ EXPERIMENT_SET = ("data", "run_name", "seed", "register", "promote", "workers", 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(parser)
     g = parser.add_argument_group("experiment")
     g.add_argument("--data", required=True, help="shard set: OUTPUT/<preprocess_version>/")
     g.add_argument("--name", default="", help="experiment name (letters, digits, '.', '_'); rerun it to resume "
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, HMHNConfig, "model", skip=("initial_score",))
     add_config_arguments(parser, LossConfig, "loss")
     args = parser.parse_args(argv)
+    apply_verbose_flag(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     out = redacting_printer(print)

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.align import AlignConfig  # noqa: E402
-from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+from pipeline.cli import (add_config_arguments, add_verbose_flag, apply_verbose_flag,  # noqa: E402
+                          build_config, load_yaml_defaults)
 from pipeline.decode import SamplingConfig  # noqa: E402
 from pipeline.detect import DetectorConfig  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
@@ -33,6 +34,7 @@ NESTED = (("sampling", SamplingConfig, "frame sampling and decoding"),
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(parser)
     parser.add_argument("--config", help="YAML file of defaults")
     add_config_arguments(parser, PreprocessConfig, "preprocessing")
     for prefix, cls, title in NESTED:
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     args = build_parser().parse_args(argv)
+    apply_verbose_flag(args)
     try:
         config = config_from_args(args)  # before anything starts: no Ray, no storage access
     except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2

@@ -123,3 +123,22 @@ def build_config(cls: type[T], args: argparse.Namespace | dict[str, Any],
 def config_to_dict(config: Any) -> dict[str, Any]:
     """JSON/MLflow-friendly dict of a (possibly nested) config dataclass."""
     return dataclasses.asdict(config)
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """--verbose, the same in every job: Ray's own console output back (see apply_verbose_flag)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own output (worker, controller and Ray Data lines); by default "
+                             "the console shows this job's progress and the path of Ray's full logs")
+
+
+def apply_verbose_flag(args: argparse.Namespace) -> None:
+    """Before Ray starts: pipeline.ray_utils.init_ray reads HMHN_VERBOSE (library code never reads argv)."""
+    import os
+
+    from pipeline.ray_utils import VERBOSE_ENV
+
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
+    else:  # read by MLflow when it is first imported (the jobs import it lazily, after this)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

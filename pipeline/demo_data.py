@@ -329,9 +329,9 @@ def make_demo_dataset(config: DemoDataConfig, progress: bool = True) -> dict:
         label_dir = root / SPLIT_FOLDERS[video.split] / "DepressionLabels"
         label_dir.mkdir(parents=True, exist_ok=True)
         (label_dir / f"{video.subject_id}_{video.session}_Depression.csv").write_text(f"{video.label}\n")
-        if progress:
-            print(f"[demo-data] {k + 1}/{len(videos)} {video.relpath} label={video.label} "
-                  f"subject={subject.name} ({time.time() - tic:.1f}s)", flush=True)
+        if progress and ((k + 1) % 8 == 0 or k + 1 == len(videos)):  # a line per 8 videos, not per video
+            print(f"[demo-data] {k + 1}/{len(videos)} videos written (last: {video.relpath}, label {video.label}, "
+                  f"{time.time() - tic:.1f} s)", flush=True)
     manifest = root / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.writer(fh)

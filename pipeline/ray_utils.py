@@ -10,16 +10,26 @@ import os
 
 log = logging.getLogger(__name__)
 _connection = "not connected"
+VERBOSE_ENV = "HMHN_VERBOSE"  # "1": Ray's own console output too (the jobs' --verbose sets it)
+# Lines Ray forwards from workers that reach the console by default: the jobs' own progress lines.
+OUR_PREFIXES = ("[hmhn]", "[preprocess]", "[predict]", "[experiment]", "[resources]", "[demo")
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
+def console_is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") == "1"
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> dict:
     """Use the cluster we were submitted to (RAY_ADDRESS), else start a private local one.
 
+    quiet (default: unless HMHN_VERBOSE=1): the console shows the jobs' own lines only; Ray's
+    output from the workers still goes to the session's log files (`ray_log_dir()`).
     Returns `ray.cluster_resources()`.
     """
     import ray
 
     global _connection
+    quiet = not console_is_verbose() if quiet is None else quiet
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if quiet:
         # Before ray.init, so that Ray's worker processes (training's rank 0 logs to MLflow) inherit
@@ -38,10 +48,47 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> dict:
             # state API it serves, and floods the log without it.
             ray.init(address="local", num_cpus=cpus, dashboard_host="127.0.0.1",
                      log_to_driver=True, configure_logging=True,
-                     logging_level=logging.WARNING if quiet else logging.INFO)
+                     # ERROR when quiet: Ray's start-up WARNINGs (token authentication on, ...) are not ours
+                     logging_level=logging.ERROR if quiet else logging.INFO)
+        if quiet:
+            _forward_only_our_worker_lines()
     if quiet:
         quiet_console()
     return ray.cluster_resources()
+
+
+def _forward_only_our_worker_lines() -> None:
+    """Of what Ray forwards from workers to this driver's console, keep the jobs' own progress lines
+    (OUR_PREFIXES; without Ray's "(RayTrainWorker pid=...)" prefix). Everything else (controller and
+    coordinator INFO lines, library warnings, tracebacks of tasks that are retried) stays in the
+    session's log files: a failure that matters reaches the driver as an exception anyway.
+
+    Uses ray._private.worker's stdstream dispatcher: the one place Ray routes forwarded output
+    through, and it has no public switch; if its shape changes, everything is forwarded as before.
+    """
+    from ray._private import worker as ray_worker
+
+    def forward(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if line.lstrip().startswith(OUR_PREFIXES)]
+        if lines:
+            ray_worker.print_to_stdstream({**data, "lines": lines}, ignore_prefix=True)
+
+    try:
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", forward)
+    except Exception as exc:  # noqa: BLE001 - a Ray upgrade changed the internals: stay verbose
+        log.debug("cannot filter worker output (%s); forwarding all of it", exc)
+
+
+def ray_log_dir() -> str:
+    """The folder of this Ray session's log files (workers' full output), or "" if unknown."""
+    try:
+        from ray._private import worker as ray_worker
+
+        return ray_worker._global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - connected to a remote cluster: its logs are on its head node
+        return ""
 
 
 def quiet_console() -> None:
@@ -63,8 +110,9 @@ def describe_connection() -> str:
     import ray
 
     res = ray.cluster_resources()
+    logs = ray_log_dir()
     return (f"{_connection}: {alive_node_count()} node(s), {res.get('CPU', 0):g} CPUs, "
-            f"{res.get('GPU', 0):g} GPUs")
+            f"{res.get('GPU', 0):g} GPUs" + (f"; Ray's full logs: {logs}" if logs and not console_is_verbose() else ""))
 
 
 def cluster_cpus() -> float:
