@@ -31,17 +31,20 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 from hmhn import HMHNConfig, LossConfig  # noqa: E402
 from hmhn.train import TrainConfig, TrainingDiverged, run_training  # noqa: E402
-from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+from pipeline.cli import (add_config_arguments, add_verbose_flag, apply_verbose_flag,  # noqa: E402
+                          build_config, load_yaml_defaults)
 from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(parser)
     parser.add_argument("--config", help="YAML file of defaults (keys = option names)")
     add_config_arguments(parser, TrainConfig, "training", skip=("model", "loss"))
     add_config_arguments(parser, HMHNConfig, "model", skip=("initial_score",))  # set from the training mean
     add_config_arguments(parser, LossConfig, "loss")
     args = parser.parse_args(argv)
+    apply_verbose_flag(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     out = redacting_printer(print)
