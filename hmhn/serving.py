@@ -252,7 +252,11 @@ class HMHNPyfuncModel(mlflow.pyfunc.PythonModel):
         self.input_size = model.config.input_size
         self.scorer = HMHNScorer(model, clamp=True).eval()
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # The `pd.DataFrame` hint is for MLflow: without a hint on `model_input`, defining this class
+    # (importing this module) prints MLflow's "Add type hints to the `predict` method" warning; a
+    # DataFrame hint infers no schema and adds no validation, so the explicit signature that
+    # log_scoring_model logs stays the contract. In-process a normalised np.ndarray is accepted too.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if isinstance(model_input, np.ndarray):
             batch = self._tensor_from_array(model_input)
         elif isinstance(model_input, pd.DataFrame):

@@ -237,16 +237,13 @@ def test_tree_of_real_videos(tmp_path, make_video):
     assert Path(table.to_pylist()[0]["uri"]).stat().st_size > 100
 
 
-def test_official_layouts_on_s3(tmp_path, request):
+def test_official_layouts_on_s3(tmp_path, s3_server):
     """The same trees in an S3 bucket (the local moto server of tests/s3_server.py), labels= an S3 URI."""
     import pyarrow.fs as pafs
 
     from pipeline.storage import resolve_filesystem
 
-    try:
-        s3 = request.getfixturevalue("s3_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("no s3_server fixture in this checkout")
+    s3 = s3_server
     expected14 = build_avec2014_tree(tmp_path / "a14", test_labels_dir=tmp_path / "labels14")
     expected13 = build_avec2013_tree(tmp_path / "a13")
     fs, prefix = resolve_filesystem(s3.uri("avec-layouts"))

@@ -101,3 +101,13 @@ def test_frames_to_video_metrics_end_to_end():
     metrics = video_metrics(video_scores(ids, frames), {"long": 10.0, "short": 34.0})
     assert metrics["rmse"] == pytest.approx(math.sqrt((3 ** 2 + 4 ** 2) / 2))
     assert metrics["mae"] == pytest.approx(3.5)
+
+
+def test_severity_bands_at_their_edges():
+    """BDI-II bands (Beck et al. 1996): 0-13 minimal, 14-19 mild, 20-28 moderate, 29-63 severe; model
+    scores are real numbers, so a band runs up to (not including) the next cut-off."""
+    from pipeline.schema import severity_band
+
+    edges = {0: "minimal", 13: "minimal", 13.99: "minimal", 14: "mild", 19: "mild", 19.99: "mild",
+             20: "moderate", 28: "moderate", 28.99: "moderate", 29: "severe", 63: "severe"}
+    assert {score: severity_band(score) for score in edges} == edges

@@ -306,6 +306,8 @@ def test_scorer_clamps_and_gives_attention_maps():
     with torch.no_grad():
         assert torch.all(scorer(x) == 63.0)
         assert torch.all(HMHNScorer(model, clamp=False)(x) > 63.0)
+        low = HMHN(HMHNConfig(input_size=SMALL, initial_score=-1000.0))  # and the floor: BDI-II is never < 0
+        assert torch.all(HMHNScorer(low).eval()(x) == 0.0) and torch.all(HMHNScorer(low, clamp=False).eval()(x) < 0)
     maps = scorer.attention_maps(x)
     assert maps.shape == (3, 4, 2, 2)
     rendered = scorer.attention_maps(x, size=SMALL, normalise=True)

@@ -10,8 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from hmhn import HMHNScorer, video_scores
+from hmhn import HMHNConfig, HMHNScorer, video_scores
+from hmhn.data import open_shardset
 from hmhn.image import to_model_input
+from hmhn.train import TrainConfig, evaluate_split
+from pipeline.schema import severity_band
 from tests.test_serving import INPUT_SIZE, register_champion, small_scoring_model, training_preprocess_doc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,30 +93,27 @@ def test_predict_job_matches_direct_evaluation_and_records_bad_videos(ray_sessio
         assert row["status"] == "ok" and row["frames_used"] >= 3
         assert row["score"] == pytest.approx(expected[video_id], abs=1e-3)
         assert 0 < row["score"] < 63 and row["score_std"] >= 0
-        assert row["severity"] in ("minimal", "mild", "moderate", "severe")
+        assert row["severity"] == severity_band(row["score"])
+        assert pd.isna(row["reason"])  # an empty cell in the CSV (read with na_values=[""]): no reason
     assert len({round(rows.loc[v, "score"], 3) for v in good}) == 3, "scores should differ between videos"
 
-    try:  # also against hmhn.train.evaluate_split when the training module is importable
-        from hmhn.config import HMHNConfig
-        from hmhn.data import open_shardset
-        from hmhn.train import TrainConfig, evaluate_split
-    except ImportError:
-        pass
-    else:
-        index = open_shardset(shard_set)
-        predictions, metrics = evaluate_split(model, index, "test", TrainConfig(data=shard_set, model=HMHNConfig(
-            input_size=INPUT_SIZE)), train_mean=20.0)
-        assert metrics["n_videos"] == 0  # new videos have no label: nothing to score against, no fallback
-        assert sorted(predictions) == good
-        for video_id, score in predictions.items():
-            assert rows.loc[video_id, "score"] == pytest.approx(score, abs=1e-3)
+    # ... and the same as hmhn.train.evaluate_split, training's own evaluation function.
+    index = open_shardset(shard_set)
+    predictions, metrics = evaluate_split(model, index, "test", TrainConfig(data=shard_set, model=HMHNConfig(
+        input_size=INPUT_SIZE)), train_mean=20.0)
+    assert metrics["n_videos"] == 0  # new videos have no label: nothing to score against, no fallback
+    assert sorted(predictions) == good
+    for video_id, score in predictions.items():
+        assert rows.loc[video_id, "score"] == pytest.approx(score, abs=1e-3)
 
-    # Bad input: a row with a reason each, and the run went on.
+    # Bad input: a row each that says what was wrong, and the run went on.
     assert rows.loc["notes", "status"] == "failed" and rows.loc["empty", "status"] == "failed"
     assert rows.loc["no_face", "status"] == "no_face"
-    for video_id in ("notes", "empty", "no_face"):
+    for video_id, words in (("notes", "not a video"), ("empty", "zero-byte"),
+                            ("no_face", "no face above score threshold")):
         assert rows.loc[video_id, "frames_used"] == 0 and np.isnan(rows.loc[video_id, "score"])
-        assert isinstance(rows.loc[video_id, "reason"], str) and len(rows.loc[video_id, "reason"]) > 10
+        assert pd.isna(rows.loc[video_id, "severity"])  # no score, no band (an empty CSV cell)
+        assert words in rows.loc[video_id, "reason"], (video_id, rows.loc[video_id, "reason"])
 
     first_scored = table.loc[table["status"] == "ok", "video_id"].iloc[0]  # explained: the first N in CSV order
     pictures = sorted(p.name for p in explain.iterdir())
@@ -184,6 +184,8 @@ def test_a_failed_inference_batch_fails_its_videos_with_the_reason(ray_session, 
     table = video_table(manifest, read_status(shard_set), frames).set_index("video_id")
     assert table.loc["test_001", "status"] == "failed"
     assert table.loc["test_001", "reason"].startswith("inference failed (")  # the decoder's error follows
+    assert "not a decodable JPEG/PNG image" in table.loc["test_001", "reason"], table.loc["test_001", "reason"]
     assert np.isnan(table.loc["test_001", "score"]) and table.loc["test_001", "frames_used"] == 0
     assert (table.loc[["test_000", "test_002"], "status"] == "ok").all()
     assert table.loc[["test_000", "test_002"], "frames_used"].tolist() == [4, 4]
+    assert table.loc[["test_000", "test_002"], "reason"].tolist() == ["", ""]

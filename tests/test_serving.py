@@ -26,7 +26,9 @@ import torch
 
 from hmhn import HMHN, HMHNConfig, HMHNScorer
 from hmhn.image import encode_jpeg, to_model_input
+from pipeline.schema import severity_band
 
+REPO = Path(__file__).resolve().parents[1]
 INPUT_SIZE = 112
 
 
@@ -91,6 +93,22 @@ def expected_scores(model: HMHN, crops_b64: list[str]) -> np.ndarray:
         return HMHNScorer(model, clamp=True).eval()(to_model_input(images)).numpy()
 
 
+def batch_scoring_scores(model: HMHN, crops_b64: list[str]) -> np.ndarray:
+    """Batch scoring's inference step on the same crops: hmhn.scoring.FrameScorer (the Ray Data actor of
+    `jobs/predict.py`), called in-process on the JPEG bytes, on the device the served model picks."""
+    from hmhn.scoring import FrameScorer
+
+    jpegs = np.array([base64.b64decode(c) for c in crops_b64], dtype=object)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    scorer = FrameScorer(state, dataclasses.asdict(model.config), use_gpu=torch.cuda.is_available(),
+                         threads=torch.get_num_threads())  # the current count: leaves the process's setting
+    n = len(jpegs)
+    out = scorer({"video_id": np.array(["v"] * n, dtype=object), "frame_index": np.arange(n),
+                  "timestamp_s": np.zeros(n), "image": jpegs})
+    assert (out["error"] == "").all(), out["error"]
+    return out["score"]
+
+
 def face_crops_b64(astronaut_rgb: np.ndarray, count: int = 2) -> list[str]:
     """`count` different square crops around the astronaut's face, as base64 JPEG (what clients send)."""
     crops = []
@@ -131,6 +149,9 @@ def test_logged_model_loads_in_plain_torch_and_as_pyfunc(mlflow_store, astronaut
     np.testing.assert_allclose(result["score"].to_numpy(), expected, atol=1e-4)
     assert ((expected > 0) & (expected < 63)).all(), "test model must not saturate"
     assert result["score"].nunique() == 3
+    # ... and exactly like batch scoring (hmhn.scoring) on the same crops.
+    np.testing.assert_allclose(result["score"].to_numpy(), batch_scoring_scores(loaded, crops), atol=1e-4)
+    assert result["severity"].tolist() == [severity_band(v) for v in result["score"]]
 
     # Already-normalised arrays are accepted by the python model itself; wrong shapes are refused.
     python_model = pyfunc.unwrap_python_model()
@@ -197,13 +218,14 @@ def test_mlflow_models_serve_scores_crops_and_refuses_bad_requests(mlflow_store,
         assert status == 200, body
         predictions = json.loads(body)["predictions"]
         assert len(predictions) == 3
-        for row in predictions:
-            assert 0.0 <= row["score"] <= 63.0
-            assert row["severity"] in ("minimal", "mild", "moderate", "severe")
-        # Over HTTP, the code-logged model scores exactly as the plain torch model does.
+        served = np.array([row["score"] for row in predictions])
+        assert [row["severity"] for row in predictions] == [severity_band(v) for v in served]
+        # Over HTTP, the code-logged model scores exactly as the plain torch model does ...
         expected = expected_scores(model, crops)
         assert ((expected > 0) & (expected < 63)).all() and len(set(expected.round(4))) == 3
-        np.testing.assert_allclose([row["score"] for row in predictions], expected, atol=1e-4)
+        np.testing.assert_allclose(served, expected, atol=1e-4)
+        # ... and as batch scoring (jobs/predict.py's inference step) does on the same crops.
+        np.testing.assert_allclose(served, batch_scoring_scores(model, crops), atol=1e-4)
 
         bad_requests = {
             "empty batch": ({"dataframe_split": {"columns": ["image"], "data": []}}, "empty batch"),
@@ -228,3 +250,19 @@ def test_mlflow_models_serve_scores_crops_and_refuses_bad_requests(mlflow_store,
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
+
+
+def test_importing_the_library_prints_nothing():
+    """Every hmhn and pipeline module imports silently (issue 15: `import hmhn.serving` used to print
+    MLflow's "Add type hints to the `predict` method" warning). One fresh interpreter, default filters."""
+    import importlib
+    import pkgutil
+
+    modules = [f"{package}.{info.name}" for package in ("hmhn", "pipeline")
+               for info in pkgutil.iter_modules(importlib.import_module(package).__path__)]
+    assert "hmhn.serving" in modules and "hmhn.scoring_model" in modules
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
+    result = subprocess.run([sys.executable, "-c", "import " + ", ".join(["hmhn", "pipeline", *modules])],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout, result.stderr) == ("", ""), (result.stdout + result.stderr)[-3000:]

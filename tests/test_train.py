@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmhn import HMHN, HMHNConfig
+from hmhn import HMHN, HMHNConfig, video_metrics
 from hmhn.data import (ShardSetError, check_trainable, open_shardset, sample_train_frames, uniform_positions,
                        write_synthetic_shardset)
 from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, NAN_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
@@ -42,7 +42,10 @@ def tiny_config(data: str, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("faces") / "synth000"
-    return write_synthetic_shardset(str(root), {"train": 6, "dev": 3, "test": 2}, frames_per_video=6, size=SIZE)
+    # 5 dev and 5 test videos: with 2 workers each split has videos on both ranks (owner_rank:
+    # dev_000..003 -> 1, dev_004 -> 0; test_000..003 -> 0, test_004 -> 1), so the distributed
+    # evaluation really merges two non-empty halves (test_distributed_metrics_equal_single_process).
+    return write_synthetic_shardset(str(root), {"train": 6, "dev": 5, "test": 5}, frames_per_video=6, size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +213,9 @@ def test_resume_continues_and_worker_failure_restarts_from_checkpoint(trained):
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "1" and run.data.tags["changed.epochs"] == "3"
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    # Call A registered nothing; call B (resumed, with a worker restart inside it) registered once.
+    versions = client.search_model_versions("name='hmhn-test'")
+    assert [(str(v.version), v.run_id) for v in versions] == [(second.model_version, second.run_id)]
 
 
 def test_registered_champion_loads_and_predicts(trained):
@@ -254,19 +260,44 @@ def test_registered_champion_loads_and_predicts(trained):
 
 
 def test_distributed_metrics_equal_single_process(trained):
+    """The 2-worker evaluation (each rank scores the videos it owns, the halves are all-gathered) gives
+    the same per-video predictions and metrics as one process scoring every video."""
+    import csv
+
+    from mlflow import MlflowClient
+
+    from hmhn.data import owner_rank
+
     second = trained["second"]
     model, state = model_from_checkpoint(second.checkpoint_path)
     config = TrainConfig.from_dict(state["config"])
     index = open_shardset(trained["data"])
+    for split in ("dev", "test"):  # both ranks own videos of each split: the merge joins two non-empty halves
+        owners = [owner_rank(v.video_id, 2) for v in index.videos(split, with_frames=True)]
+        assert sorted(set(owners)) == [0, 1], (split, owners)
     mean = index.train_mean()
-    _, dev = evaluate_split(model, index, "dev", config, mean)     # one process, every frame
-    assert dev["n_videos"] == 3
+    dev_predictions, dev = evaluate_split(model, index, "dev", config, mean)     # one process, every frame
+    assert dev["n_videos"] == 5 and dev["n_videos_fallback"] == 0
     assert math.isclose(dev["rmse"], state["metrics"]["dev_rmse"], rel_tol=1e-5, abs_tol=1e-4)
     assert math.isclose(dev["mae"], state["metrics"]["dev_mae"], rel_tol=1e-5, abs_tol=1e-4)
     assert math.isclose(dev["rmse"], second.best_dev_rmse, rel_tol=1e-5, abs_tol=1e-4)
-    _, test = evaluate_split(model, index, "test", config, mean)
+    test_predictions, test = evaluate_split(model, index, "test", config, mean)
     assert math.isclose(test["rmse"], second.test_rmse, rel_tol=1e-5, abs_tol=1e-4)
-    assert second.baseline_test_rmse is not None and second.baseline_test_mae is not None
+    assert math.isclose(test["mae"], second.test_mae, rel_tol=1e-5, abs_tol=1e-4)
+    truth = index.labels("test")  # the baseline: the training mean predicted for every test video
+    baseline = video_metrics({v: mean for v in truth}, truth)
+    assert (second.baseline_test_rmse, second.baseline_test_mae) == pytest.approx((baseline["rmse"], baseline["mae"]))
+    # Per video: the run's table (the merged 2-rank evaluation, printed to 3 decimals) has every video,
+    # none as a training-mean fallback, each with the single-process prediction.
+    table = MlflowClient(trained["uri"]).download_artifacts(second.run_id, "evaluation/video_predictions.csv")
+    with open(table, newline="") as f:
+        logged = {(r["split"], r["video_id"]): r for r in csv.DictReader(f)}
+    single = {**{("dev", v): p for v, p in dev_predictions.items()},
+              **{("test", v): p for v, p in test_predictions.items()}}
+    assert sorted(logged) == sorted(single)
+    for key, prediction in single.items():
+        assert logged[key]["fallback"] == "0", key
+        assert float(logged[key]["prediction"]) == pytest.approx(prediction, abs=1e-3), key
 
 
 def _assert_run_logged(client, run_id: str, n_videos: int, world_size: int) -> None:
@@ -290,7 +321,7 @@ def test_mlflow_run_contents(trained):
 
     client = MlflowClient(trained["uri"])
     second = trained["second"]
-    _assert_run_logged(client, second.run_id, n_videos=5, world_size=2)
+    _assert_run_logged(client, second.run_id, n_videos=10, world_size=2)
     version = client.get_model_version_by_alias("hmhn-test", "candidate")
     assert second.model_uri == f"models:/hmhn-test/{version.version}"
     assert float(version.tags["dev_rmse"]) == pytest.approx(second.best_dev_rmse)
@@ -315,7 +346,7 @@ def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, 
     result = run_training(tiny_config(shard_root, run_name="server-run", workers=1, mlflow_uri=mlflow_server,
                                       storage_path=str(tmp_path / "ray_results"), promote=True))  # --promote
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
-    _assert_run_logged(client, result.run_id, n_videos=5, world_size=1)
+    _assert_run_logged(client, result.run_id, n_videos=10, world_size=1)
     assert result.champion_moved and result.model_uri == "models:/hmhn-test/1"
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
