@@ -155,14 +155,12 @@ class FrameScorer:
     def __init__(self, model_state: dict[str, Any], model_config: dict[str, Any], use_gpu: bool, threads: int):
         import torch
 
-        from hmhn.config import HMHNConfig
-        from hmhn.model import HMHN, HMHNScorer
+        from hmhn.inference import model_from_state, scorer_for
 
         torch.set_num_threads(max(1, threads))
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = HMHN(HMHNConfig(**model_config))
-        model.load_state_dict(model_state)
-        self.scorer = HMHNScorer(model, clamp=True).to(self.device).eval()
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model = model_from_state(model_state, model_config, device)
+        self.scorer = scorer_for(model)
         self.input_size = model.config.input_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -180,16 +178,9 @@ class FrameScorer:
                 "error": np.full(len(batch["video_id"]), error, dtype=object)}
 
     def _score(self, jpegs: np.ndarray) -> np.ndarray:
-        import torch
+        from hmhn.inference import crops_to_input, score_input
 
-        from hmhn.image import decode_jpeg, to_model_input
-
-        images = np.stack([decode_jpeg(data, self.input_size) for data in jpegs])
-        with torch.no_grad():
-            x = to_model_input(torch.from_numpy(images).to(self.device))
-            # bf16 on GPU, fp32 on CPU: the same choice as training's evaluation (hmhn.train.predict_frames).
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                return self.scorer(x).float().cpu().numpy()
+        return score_input(self.scorer, crops_to_input(jpegs, self.input_size))
 
 
 def read_committed_frames(batch: pa.Table, root: str) -> pa.Table:

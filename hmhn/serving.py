@@ -50,9 +50,9 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from hmhn.config import HMHNConfig
 from hmhn.image import decode_jpeg, to_model_input
-from hmhn.model import HMHN, HMHNScorer
+from hmhn.inference import model_from_files, score_input, scorer_for
+from hmhn.model import HMHN
 from pipeline.schema import severity_band
 
 IMAGE_COLUMN = "image"
@@ -184,13 +184,6 @@ def log_scoring_model(model: HMHN, *, name: str = "model", preprocess_config: di
     return info
 
 
-def _model_from_files(weights_path: str, config_path: str, device: str = "cpu") -> HMHN:
-    config = HMHNConfig(**json.loads(Path(config_path).read_text()))
-    model = HMHN(config)
-    model.load_state_dict(torch.load(weights_path, map_location=device, weights_only=True))
-    return model.to(device).eval()
-
-
 def load_scoring_model(model_uri: str, device: str = "cpu") -> tuple[HMHN, dict[str, Any], int]:
     """(HMHN in eval mode, preprocess_config dict, input_size) of a model logged by log_scoring_model.
 
@@ -212,7 +205,7 @@ def load_scoring_model(model_uri: str, device: str = "cpu") -> tuple[HMHN, dict[
     def path(key: str) -> str:
         return os.path.join(local, artifacts[key]["path"])
 
-    model = _model_from_files(path(WEIGHTS_ARTIFACT), path(HMHN_CONFIG_ARTIFACT), device)
+    model = model_from_files(path(WEIGHTS_ARTIFACT), path(HMHN_CONFIG_ARTIFACT), device)
     preprocess_config = json.loads(Path(path(PREPROCESS_CONFIG_ARTIFACT)).read_text())
     return model, preprocess_config, model.config.input_size
 
@@ -247,10 +240,10 @@ class HMHNPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = _model_from_files(context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[HMHN_CONFIG_ARTIFACT],
-                                  self.device)
+        model = model_from_files(context.artifacts[WEIGHTS_ARTIFACT], context.artifacts[HMHN_CONFIG_ARTIFACT],
+                                 self.device)
         self.input_size = model.config.input_size
-        self.scorer = HMHNScorer(model, clamp=True).eval()
+        self.scorer = scorer_for(model)
 
     # The `pd.DataFrame` hint is for MLflow: without a hint on `model_input`, defining this class
     # (importing this module) prints MLflow's "Add type hints to the `predict` method" warning; a
@@ -265,11 +258,7 @@ class HMHNPyfuncModel(mlflow.pyfunc.PythonModel):
             raise _invalid(f"expected a DataFrame with an '{IMAGE_COLUMN}' column or a float array "
                            f"(N, 3, {self.input_size}, {self.input_size}); got {type(model_input).__name__}. "
                            + REQUEST_HINT)
-        scores = []
-        with torch.no_grad():
-            for start in range(0, batch.shape[0], INFERENCE_BATCH):
-                scores.append(self.scorer(batch[start:start + INFERENCE_BATCH].to(self.device)).float().cpu())
-        values = torch.cat(scores).numpy().astype(np.float64)
+        values = score_input(self.scorer, batch, INFERENCE_BATCH)  # batch scoring's numerics (hmhn.inference)
         return pd.DataFrame({"score": values, "severity": [severity_band(v) for v in values]})
 
     def _tensor_from_frame(self, frame: pd.DataFrame) -> torch.Tensor:
