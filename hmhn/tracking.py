@@ -525,8 +525,11 @@ def log_and_register_model(tracking_uri: str, run_id: str, model, model_name: st
                                  signature=signature, input_example=example, pip_requirements=requirements,
                                  metadata={"preprocess_version": preprocess_config.get("preprocess_version", ""),
                                            "input_size": input_size})
-        info = log_scoring_model(model, name="model", preprocess_config=dict(preprocess_config),
-                                 input_size=input_size, registered_model_name=model_name,
-                                 extra_tags={k: str(v) for k, v in version_tags.items()})
+        # MLflow prints "Successfully registered model ..." / "Created version ..." straight to stderr
+        # (not through logging); the jobs print the version they registered themselves.
+        with contextlib.redirect_stderr(io.StringIO()):
+            info = log_scoring_model(model, name="model", preprocess_config=dict(preprocess_config),
+                                     input_size=input_size, registered_model_name=model_name,
+                                     extra_tags={k: str(v) for k, v in version_tags.items()})
         mlflow.log_dict(dict(preprocess_config), "preprocessing/config.json")  # beside the run, where people look first
     return str(info.registered_model_version)
