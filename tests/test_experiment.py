@@ -1,16 +1,23 @@
 """Experiments (hmhn/experiment.py, jobs/experiment.py, jobs/report.py) on the session's local Ray.
 
 One module-scoped experiment does the expensive part (2 variants x 2 seeds, 1 epoch, 64 px, 1 worker):
-  call A: trial no_gwa/1 is made to fail (test hook, no retries) -> 3 trials finish, 1 is reported failed;
-  call B: same name -> Tune restores the experiment, runs only the failed trial, registers the best.
+  call A: a driver in another process (its own Ray), SIGKILLed once one trial has finished: an
+          interrupted experiment;
+  call B: same name, here -> Tune restores it and runs the trials A did not finish; trial no_gwa/1
+          is made to fail (test hook, no retries) -> 3 trials finished, 1 reported failed;
+  call C: same name -> runs only the failed trial, registers the best.
 """
 from __future__ import annotations
 
 import csv
 import io
 import math
+import os
+import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +80,53 @@ def test_comparison_table_math():
 # ---- the experiment on Ray + MLflow
 
 
+INTERRUPTED_DRIVER = """
+import pickle, sys
+from hmhn.experiment import run_experiment
+from pipeline.ray_utils import init_ray
+init_ray(num_cpus=2)
+run_experiment(pickle.load(open(sys.argv[1], "rb")))
+"""
+
+
+def _interrupt_after_first_trial(config: ExperimentConfig, uri: str, tmp: Path) -> dict[str, float]:
+    """Run the experiment in another process and SIGKILL it (driver and its Ray, the whole session)
+    as soon as one trial has finished; {run id: dev RMSE} of the trials finished by then."""
+    (tmp / "config.pkl").write_bytes(pickle.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_URI=uri, TUNE_GLOBAL_CHECKPOINT_S="1",  # Tune saves its state every second
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    log = open(tmp / "interrupted.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_DRIVER, str(tmp / "config.pkl")], cwd=tmp, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while True:
+            assert proc.poll() is None, "the experiment ended before it was interrupted:\n" + \
+                (tmp / "interrupted.log").read_text()[-3000:]
+            assert time.time() < deadline, (tmp / "interrupted.log").read_text()[-3000:]
+            try:
+                done = {r["run_id"]: r["dev_rmse"] for r in trial_rows_from_mlflow(uri, "hmhn", NAME)[1]}
+            except ValueError:  # no parent run yet
+                done = {}
+            if done:
+                return done
+            time.sleep(1)
+    finally:
+        for entry in os.listdir("/proc"):  # the driver and every Ray process it started (same session)
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == proc.pid:
+                        os.kill(int(entry), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        proc.wait(timeout=60)
+
+
 @pytest.fixture(scope="module")
 def experiment(ray_session, tmp_path_factory):
+    import dataclasses
+
     import mlflow
 
     from hmhn.experiment import run_experiment
@@ -85,32 +137,39 @@ def experiment(ray_session, tmp_path_factory):
     with mlflow_store_in(tmp) as uri:
         config = ExperimentConfig(name=NAME, base=base_config(data), variants={"full": {}, "no_gwa": {"use_gwa": False}},
                                   seeds=2, storage_path=str(tmp / "ray_results"), trial_retries=0,
-                                  fail_trials=("no_gwa/1",))
-        first = run_experiment(config)
+                                  max_concurrent_trials=1)
+        interrupted = _interrupt_after_first_trial(config, uri, tmp)
+        first = run_experiment(dataclasses.replace(config, fail_trials=("no_gwa/1",)))
         client = mlflow.MlflowClient(uri)
         _, rows_a = trial_rows_from_mlflow(uri, "hmhn", NAME)
         finished_a = [r["run_id"] for r in rows_a]
-        import dataclasses
-
-        second = run_experiment(dataclasses.replace(config, fail_trials=()))
+        second = run_experiment(config)
         yield {"first": first, "second": second, "uri": uri, "data": data, "tmp": tmp, "finished_a": finished_a,
-               "client": client}
+               "client": client, "interrupted": interrupted}
 
 
-def test_failed_trial_reported_then_resumed(experiment):
+def test_interrupted_experiment_resumes_and_failed_trial_is_reported_then_resumed(experiment):
     first, second, client = experiment["first"], experiment["second"], experiment["client"]
+    interrupted = experiment["interrupted"]
+    # the killed driver's finished trial was kept: not trained again by the calls after it (Tune may
+    # start it again if the kill came before Tune saved its state; the trial then reports its MLflow
+    # metrics instead of training)
+    assert len(interrupted) >= 1 and first.restored
+    for run_id, dev_rmse in interrupted.items():
+        assert len(client.get_metric_history(run_id, "train_loss")) == 1
+        assert next(r for r in second.trials if r["run_id"] == run_id)["dev_rmse"] == dev_rmse
     assert first.failed == ["no_gwa/1"] and len(first.trials) == 3 and first.model_uri is None
-    assert client.get_run(first.parent_run_id).data.tags["trials_done"] == "4/4"  # after the second call
+    assert client.get_run(first.parent_run_id).data.tags["trials_done"] == "4/4"  # after the last call
     assert second.restored and second.failed == [] and len(second.trials) == 4
     assert second.parent_run_id == first.parent_run_id
-    # the three trials finished in call A were not trained again in call B
-    assert len(experiment["finished_a"]) == 3
+    # the three trials finished by the first two calls were not trained again in the last one
+    assert len(experiment["finished_a"]) == 3 and set(interrupted) <= set(experiment["finished_a"])
     for run in (client.get_run(r["run_id"]) for r in second.trials):
-        rerun = run.info.run_id not in experiment["finished_a"]  # only the failed trial runs again
-        assert run.data.tags["hmhn.trial_attempts"] == ("2" if rerun else "1")
-        if rerun:
+        if run.info.run_id not in experiment["finished_a"]:  # only the failed trial runs again
             assert (run.data.tags["hmhn.variant"], run.data.tags["hmhn.seed"]) == ("no_gwa", "1")
-        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1
+            assert int(run.data.tags["hmhn.trial_attempts"]) >= 2
+        # (a trial killed between logging an epoch and its checkpoint may log that epoch again: steps, not count)
+        assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {1}
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
 
 
