@@ -125,16 +125,23 @@ def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
     return [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
 
 
-VIDEOS_PER_TASK = 8  # x frames_per_video crops per output block: 8 x 64 x 150 KB at 224 px ~ 77 MB
+FRAMES_PER_TASK = 512  # crops per task = per output block: 8 videos x 64 frames x 150 KB at 224 px ~ 77 MB
+MIN_TASKS = 4          # per epoch, when the set is small: some parallelism for the first epoch
 
 
 def train_dataset(index: ShardIndex, frames_per_video: int, input_size: int, augmentation: str = "full",
                   num_cpus: float = 1.0):
     """Ray Dataset of one epoch of training crops: {"image": uint8 (S,S,3), "label": float32}.
 
-    The inputs are the training videos' index rows (~100 bytes each, no frames), in blocks of
-    VIDEOS_PER_TASK videos handed out once per fit, one block per task; each execution (each epoch,
-    each worker's share via Ray Train's split) re-draws the frames. Not `read_parquet` on the index:
+    The inputs are the training videos' index rows (~100 bytes each, no frames), in blocks of a few
+    videos handed out once per fit, one block per task; each execution (each epoch, each worker's
+    share via Ray Train's split) re-draws the frames. A task draws up to FRAMES_PER_TASK crops (8
+    videos at the default 64 frames), fewer videos when the set is small so that an epoch still has
+    MIN_TASKS tasks. Not one video per task: each Ray Data task costs ~15-20 ms of CPU in the
+    executor, the split coordinator and the task's worker, ~20 times what drawing, decoding and
+    augmenting 16 crops of 64 px costs; with one video per task the pipeline took ~0.5 CPU-s per
+    epoch of 12 videos x 16 frames, away from the training step (docs/TRAINING.md, throughput).
+    Not `read_parquet` on the index:
     Ray Data reads one file as one block, and the repartition and file-listing tasks that would split
     it ask for a whole CPU, which the training workers leave unavailable on small nodes (it hung on
     two 1-CPU nodes).
@@ -142,7 +149,7 @@ def train_dataset(index: ShardIndex, frames_per_video: int, input_size: int, aug
     from pipeline.ray_utils import dataset_of_slices
 
     rows = index.select("train", with_frames=True)
-    per_task = VIDEOS_PER_TASK if rows.num_rows >= 64 else 1  # small sets: one video per task, for parallelism
+    per_task = max(1, min(FRAMES_PER_TASK // frames_per_video, -(-rows.num_rows // MIN_TASKS)))
     # A new block order every epoch (seedless); num_cpus < 1 so the data pipeline keeps running
     # next to training workers on a small machine (ENVIRONMENT.md).
     return dataset_of_slices(rows, per_task).randomize_block_order().map_batches(

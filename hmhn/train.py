@@ -36,10 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hmhn import HMHN, HMHNConfig, HMHNScorer, LossConfig, hmhn_loss, video_metrics
+from hmhn import HMHN, HMHNConfig, LossConfig, hmhn_loss, video_metrics
 from hmhn.data import (AUGMENTATIONS, ShardIndex, VideoEntry, check_trainable, iter_eval_batches, open_shardset,
                        owner_rank, train_dataset)
 from hmhn.image import to_model_input
+from hmhn.inference import crops_to_input, score_input, scorer_for
+from hmhn.schedules import SCHEDULE_NAMES, ScheduleParams, make_scheduler
 from pipeline.storage import redact
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -80,7 +82,14 @@ class TrainConfig:
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the ResNet-18 trunk"})
     head_lr: float = field(default=1e-3, metadata={"help": "learning rate of GWA/DFF/MAB/regressor"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    lr_decay: float = field(default=0.8, metadata={"help": "ExponentialLR gamma per epoch"})
+    schedule: str = field(default="exponential", metadata={"help": "learning-rate schedule, stepped per epoch "
+                                                                   "(hmhn/schedules.py)", "choices": SCHEDULE_NAMES})
+    warmup_epochs: int = field(default=0, metadata={"help": "linear warmup epochs before the schedule"})
+    lr_decay: float = field(default=0.8, metadata={"help": "exponential: factor per epoch; step: factor per "
+                                                           "--lr-step-epochs"})
+    lr_step_epochs: int = field(default=10, metadata={"help": "step schedule: epochs between decays"})
+    lr_min_factor: float = field(default=0.01, metadata={"help": "cosine schedule: final rate as a fraction of "
+                                                                 "the base rates"})
     backbone_checkpoint: str = field(default="", metadata={"help": "optional pretrained ResNet-18 state dict "
                                                                    "(torchvision or DAN MS-Celeb) for a fresh run"})
     seed: int = field(default=0, metadata={"help": "seed of model initialisation (same on every worker)"})
@@ -113,6 +122,12 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"schedule must be one of {SCHEDULE_NAMES}, got {self.schedule!r}")
+        if self.warmup_epochs < 0 or self.lr_step_epochs < 1 or not 0 < self.lr_decay <= 1 \
+                or not 0 <= self.lr_min_factor <= 1:
+            raise ValueError("warmup_epochs must be >= 0, lr_step_epochs >= 1, lr_decay in (0, 1], "
+                             "lr_min_factor in [0, 1]")
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         for name in ("workers", "epochs", "batch_size", "frames_per_video", "eval_batch_size", "num_to_keep"):
@@ -180,26 +195,26 @@ def build_model(config: TrainConfig, train_mean: float) -> HMHN:
 
 
 def make_optimizer(model: HMHN, config: TrainConfig):
-    """AdamW with the trunk at lr and the new blocks at head_lr (MODEL.md section 5)."""
+    """AdamW with the trunk at lr and the new blocks at head_lr (MODEL.md section 5), and the
+    learning-rate schedule (hmhn/schedules.py), stepped once per epoch."""
     trunk = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW([{"params": trunk, "lr": config.lr}, {"params": rest, "lr": config.head_lr}],
                                   weight_decay=config.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    schedule = ScheduleParams(epochs=config.epochs, warmup_epochs=config.warmup_epochs, decay=config.lr_decay,
+                              step_epochs=config.lr_step_epochs, min_factor=config.lr_min_factor)
+    return optimizer, make_scheduler(optimizer, config.schedule, schedule)
 
 
 @torch.no_grad()
 def video_score_sums(model: HMHN, root: str, videos: list[VideoEntry], config: TrainConfig, max_frames: int = 0,
                      device: torch.device | str = "cpu") -> dict[str, tuple[float, int]]:
     """video_id -> (sum, count) of its frame scores (clamped to 0..63, as the registered model serves them)."""
-    scorer = HMHNScorer(model, clamp=True).eval()
-    device = torch.device(device)
+    scorer = scorer_for(model)  # the served model's scoring (hmhn.inference): what selection sees is what it serves
     sums: dict[str, list[float]] = {}
     for batch_ids, images, _ in iter_eval_batches(root, videos, config.model.input_size, config.eval_batch_size,
                                                   max_frames):
-        x = to_model_input(torch.from_numpy(images).to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores = scorer(x).float().cpu().tolist()
+        scores = score_input(scorer, crops_to_input(images, config.model.input_size)).tolist()
         for video_id, score in zip(batch_ids, scores):
             entry = sums.setdefault(video_id, [0.0, 0])
             entry[0] += score
@@ -309,6 +324,101 @@ def _quiet_ray_train_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+               device: torch.device, poison: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step on a batch of uint8 crops (B,S,S,3) and their labels: what the worker
+    loop runs per batch (jobs/bench_train.py's plain loop runs it too). Returns (loss, parts)."""
+    cuda = device.type == "cuda"
+    x = to_model_input(images.to(device, non_blocking=True))
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        output = model(x)
+    loss, parts = hmhn_loss(output, y, config.loss)  # fp32
+    if poison:
+        loss = loss * math.nan  # test hook (HMHN_TEST_NAN_AT_EPOCH): a diverging run
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, parts
+
+
+_LOOKAHEAD_ROWS = 64  # training rows queued ahead of the step (at least 2 batches): ~10 MB at 224 px
+
+
+class _EpochBatches:
+    """The training batches of consecutive epochs, produced by one background thread that runs ahead.
+
+    Each epoch is one pass of `shard.iter_torch_batches(**kwargs)` (a new Ray Data execution: a
+    fresh frame draw). Epoch e's pass ends when its local shuffle buffer is drained into a queue of
+    `lookahead` batches, and the thread then starts epoch e+1's pass at once: the split's next
+    execution and the refill of the shuffle buffer (which must hold `local_shuffle_buffer_size` rows
+    before the first batch comes out) overlap the last batches of epoch e and the evaluation after
+    it, instead of stalling the first step of epoch e+1. The passes run one after the other in the
+    same thread, so one split iterator is never iterated twice at once. `wait_s` adds up the time
+    the training loop waited for a batch.
+    """
+
+    _END = object()
+
+    def __init__(self, shard, epochs: int, lookahead: int, **kwargs):
+        import queue
+        import threading
+
+        self.wait_s = 0.0
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, lookahead))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(shard, epochs, kwargs), daemon=True,
+                                        name="hmhn-train-batches")
+        self._thread.start()
+
+    def _produce(self, shard, epochs: int, kwargs: dict) -> None:
+        try:
+            for _ in range(epochs):
+                for batch in shard.iter_torch_batches(**kwargs):
+                    if not self._put(batch):
+                        return
+                if not self._put(self._END):
+                    return
+        except BaseException as error:  # noqa: BLE001 - re-raised in the training loop
+            self._put(error)
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def epoch(self):
+        """This epoch's batches, in order; raises what the producer raised."""
+        while True:
+            started = time.perf_counter()
+            item = self._queue.get()
+            self.wait_s += time.perf_counter() - started
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the producer (after a break): it ends its pass at its next batch."""
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+
+
 def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
@@ -329,7 +439,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     master = rank == 0  # rank 0 logs to MLflow and writes checkpoints
-    torch.set_num_threads(int(os.environ.get("HMHN_X_THREADS") or loop["threads"]))  # XXX experiment
+    # pipeline/resources.plan_training: on CPU-only nodes all the node's cores (the reservation is
+    # logical; the data tasks run ahead and need little), on GPU nodes the reserved CPUs.
+    torch.set_num_threads(loop["threads"])
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     if cuda:
@@ -359,7 +471,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                              "use a new --run-name")
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # checkpoints written before schedules had names hold an ExponentialLR state: only its epoch counts
+        scheduler.load_state_dict({"lr_lambdas": [None] * len(optimizer.param_groups), **state["scheduler"]})
         start_epoch = state["epoch"]
         best = dict(state["best"])
         if best["model"] is None:  # the checkpoint's own epoch was the best one
@@ -389,44 +502,33 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
     # Shuffle across (up to) a whole epoch of this worker's frames instead.
     epoch_rows = index.count("train") * config.frames_per_video // world_size
     shuffle_rows = max(4 * config.batch_size, min(epoch_rows, SHUFFLE_BUFFER_MAX_ROWS))
+    # The next epoch's batches are prepared while this epoch ends and is evaluated (_EpochBatches).
+    batches = _EpochBatches(train_shard, config.epochs - start_epoch,
+                            lookahead=max(2, -(-_LOOKAHEAD_ROWS // config.batch_size)),
+                            batch_size=config.batch_size, local_shuffle_buffer_size=shuffle_rows,
+                            drop_last=True,  # a 1-frame last batch breaks BatchNorm in train mode
+                            dtypes={"image": torch.uint8, "label": torch.float32})
     for epoch in range(start_epoch + 1, config.epochs + 1):
         # ---- train one epoch on this worker's share of the frames drawn for this epoch
         model.train()
         started = time.perf_counter()
         sums = np.zeros(3)  # total, regression, partition losses, weighted by batch size
         samples = 0
-        _xw = 0.0; _xfirst = None  # XXX experiment
-        _xit = iter(train_shard.iter_torch_batches(
-                batch_size=config.batch_size, local_shuffle_buffer_size=int(os.environ.get("HMHN_X_SHUFFLE") or shuffle_rows),
-                prefetch_batches=int(os.environ.get("HMHN_X_PREFETCH") or 1),
-                drop_last=True,  # a 1-frame last batch breaks BatchNorm in train mode
-                dtypes={"image": torch.uint8, "label": torch.float32}))
-        for step in range(10**9):
-            _t = time.perf_counter(); batch = next(_xit, None); _xw += time.perf_counter() - _t
-            if _xfirst is None: _xfirst = time.perf_counter() - started
-            if batch is None: break
-            x = to_model_input(batch["image"].to(device, non_blocking=True))
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                output = model(x)
-            loss, parts = hmhn_loss(output, y, config.loss)  # fp32
-            if loop.get("test_nan_epoch") and epoch >= loop["test_nan_epoch"]:
-                loss = loss * math.nan  # test hook (HMHN_TEST_NAN_AT_EPOCH): a diverging run
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = y.shape[0]
+        waited_before = batches.wait_s
+        for step, batch in enumerate(batches.epoch()):
+            loss, parts = train_step(model, optimizer, batch["image"], batch["label"], config, device,
+                                     poison=bool(loop.get("test_nan_epoch")) and epoch >= loop["test_nan_epoch"])
+            n = batch["label"].shape[0]
             sums += n * np.array([loss.item(), parts["regression"].item(), parts["partition"].item()])
             samples += n
             if step == 0:
                 _maybe_die_for_test(loop.get("test_kill"), rank, epoch)
         seconds = time.perf_counter() - started
+        waited = batches.wait_s - waited_before  # > 0: the data pipeline kept this worker waiting
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         *total_sums, total_samples = _all_reduce([*sums.tolist(), samples])
-        (slowest,) = _all_reduce([seconds], torch.distributed.ReduceOp.MAX if world_size > 1 else None)
+        slowest, waited = _all_reduce([seconds, waited], torch.distributed.ReduceOp.MAX if world_size > 1 else None)
 
         # ---- a diverged run stops here, on every rank alike (the losses were all-reduced), before
         # its broken weights are reported; the last reported checkpoint is the last good one.
@@ -450,7 +552,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
                    "train_regression_loss": total_sums[1] / max(total_samples, 1),
                    "train_partition_loss": total_sums[2] / max(total_samples, 1),
                    "dev_rmse": dev["rmse"], "dev_mae": dev["mae"], "lr": lr, "train_samples": total_samples,
-                   "samples_per_s": total_samples / max(slowest, 1e-9), "epoch_seconds": slowest, "x_wait": _xw, "x_first": _xfirst, "x_threads": torch.get_num_threads(),
+                   "samples_per_s": total_samples / max(slowest, 1e-9), "epoch_seconds": slowest,
+                   "data_wait_s": waited,
                    # the selection so far, on the capped per-epoch evaluation (best_* at the end: every frame)
                    "selected_dev_rmse": best["dev_rmse"], "best_epoch": best["epoch"], "start_epoch": start_epoch}
         history.append(metrics)
@@ -475,6 +578,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(metrics)
 
+    batches.close()  # after a divergence the producer may be preparing an epoch that never comes
     if best["model"] is None:  # diverged before any good epoch: nothing to evaluate
         if master:
             logger.set_tags({"diverged_at_epoch": diverged_at})
@@ -536,15 +640,12 @@ def _log_evaluation_artifacts(logger, index: ShardIndex, predictions, run_name: 
 
 def _log_attention_maps(logger, model: HMHN, index: ShardIndex, config: TrainConfig, device) -> None:
     """Opt-in only (face images are health data): per-head attention over a few dev faces."""
-    from hmhn.explain import attention_figure
+    from hmhn.explain import attention_figure, attention_maps
 
     videos = index.videos("dev") or index.videos("train")
     ids, images, _ = next(iter_eval_batches(index.root, videos[:config.attention_frames], config.model.input_size,
                                             batch_size=config.attention_frames, max_frames_per_video=1))
-    scorer = HMHNScorer(model).eval()
-    maps = scorer.attention_maps(to_model_input(torch.from_numpy(images).to(device)),
-                                 size=config.model.input_size, normalise=True).cpu().numpy()
-    logger.log_figure(attention_figure(images, maps, ids), "evaluation/attention_maps.png")
+    logger.log_figure(attention_figure(images, attention_maps(model, images), ids), "evaluation/attention_maps.png")
 
 
 # ----------------------------------------------------------------------------------------------

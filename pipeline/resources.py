@@ -220,8 +220,16 @@ def plan_training(nodes: Sequence[NodeShape], workers: int, gpu: bool, cpus_per_
     With an accelerator (GPU or a custom resource): the node's CPUs are split between its
     accelerator slots, and each worker reserves half of its share; the other half is left to the
     Ray Data tasks that decode and augment frames there. Without one: a worker reserves half of a
-    node's CPUs (divided among the workers that node must hold). Torch threads = the CPUs a worker
-    may use, at least 1.
+    node's CPUs (divided among the workers that node must hold).
+
+    Torch threads: Ray's CPU reservation is logical, so the threads a worker computes with need not
+    equal it. With an accelerator the worker's CPUs only drive the device and the node's CPUs feed
+    it: threads = the reservation. CPU-only with the default sizing, the model's forward/backward is
+    by far the biggest consumer (decoding + augmenting a frame costs ~1% of training on it, and
+    runs ahead in the Ray Data tasks): the workers get all the node's CPUs as threads, shared among
+    as many workers as the node can hold (Ray Train packs them), so none idles while its reserved
+    half waits for data that is already there. An explicit `cpus_per_worker` is taken as the user's
+    budget (e.g. several trials per node, plan_trial_concurrency): threads = the reservation.
     """
     demand = accelerator_demand(gpu, extra)
     candidates = [n for n in nodes if n.has(demand) and n.cpus > 0] or [n for n in nodes if n.cpus > 0]
@@ -240,7 +248,11 @@ def plan_training(nodes: Sequence[NodeShape], workers: int, gpu: bool, cpus_per_
     # The frame-sampling tasks share what the workers leave free; a whole CPU each would not fit
     # beside the workers on small nodes (two 1-CPU nodes: 0.6 per worker leaves 0.4 per node).
     data_cpus = round(min(1.0, max(0.1, (node.cpus - cpus * per_node) / 2)), 2)
-    return TrainPlan(cpus_per_worker=cpus, threads=max(1, int(cpus)), data_cpus=data_cpus,
+    threads = max(1, int(cpus))
+    if not demand and not cpus_per_worker:
+        sharing = max(1, min(workers, math.floor(node.cpus / cpus + 1e-9)))  # workers that can land on the node
+        threads = max(threads, int(node.cpus // sharing))
+    return TrainPlan(cpus_per_worker=cpus, threads=threads, data_cpus=data_cpus,
                      worker_resources={k: v for k, v in demand.items() if k != "GPU"})
 
 

@@ -18,10 +18,16 @@ SCALED_OUT = [NodeShape({"CPU": 8.0})] + [NodeShape({"CPU": 64.0, "GPU": 8.0})] 
 
 
 def test_training_workers_leave_cpu_for_the_data_pipeline():
-    assert plan_training(LAPTOP, 2, False).cpus_per_worker == 0.5
+    two = plan_training(LAPTOP, 2, False)
+    assert (two.cpus_per_worker, two.threads) == (0.5, 1)  # two workers share the node's 2 cores
     plan = plan_training(LAPTOP, 1, False)
     assert (plan.cpus_per_worker, plan.data_cpus) == (1.0, 0.5)
-    assert plan_training(TWO_SMALL, 2, False, cpus_per_worker=0.6).data_cpus == 0.2
+    # The reservation is logical: one CPU-only worker computes with every core of its node
+    # (what a plain script would use); the data tasks run ahead on the reserved remainder.
+    assert plan.threads == 2
+    explicit = plan_training(TWO_SMALL, 2, False, cpus_per_worker=0.6)
+    assert explicit.data_cpus == 0.2 and explicit.threads == 1  # an explicit budget is kept
+    assert plan_training([NodeShape({"CPU": 8.0})] * 2, 2, False).threads == 4  # both may land on one node
 
 
 def test_gpu_workers_are_sized_from_the_gpu_node_not_the_cluster_totals():
