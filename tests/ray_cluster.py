@@ -199,7 +199,13 @@ class LocalRayCluster:
         out = subprocess.run([sys.executable, "-c", prog], env=self.env, cwd=REPO,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # The last line that is JSON: Ray may print its own lines after ours (e.g. about a node just killed).
+        for line in reversed(out.stdout.splitlines()):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        raise AssertionError("no JSON line in:\n" + out.stdout[-3000:] + out.stderr[-3000:])
 
     def node_ids(self) -> dict[str, str]:
         """{'head_node': id, 'second_node': id} from each node's custom resource."""

@@ -119,7 +119,11 @@ def test_make_dry_run_never_installs_the_gpu_extras():
     """`make gpu-check GPU_CHECK_ARGS=--dry-run` and `make gpu-check-dry-run` must not run gpu-install
     (it would replace onnxruntime with onnxruntime-gpu on a CPU machine); `make gpu-check` does."""
     def plan(*args):
-        return subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        # Under `make test` the outer make's MAKEFLAGS/MAKELEVEL reach this make: it would print
+        # "Entering directory" lines around the plan.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        return subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True,
+                              text=True, check=True, env=env).stdout
 
     for args in (("gpu-check", "GPU_CHECK_ARGS=--dry-run"), ("gpu-check-dry-run",)):
         commands = plan(*args)
