@@ -385,15 +385,11 @@ class _EpochBatches:
             self._put(error)
 
     def _put(self, item) -> bool:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Queue `item` (blocks while `lookahead` items wait); False once closed."""
+        if self._stop.is_set():
+            return False
+        self._queue.put(item)  # close() empties the queue, which lets a blocked put through
+        return not self._stop.is_set()
 
     def epoch(self):
         """This epoch's batches, in order; raises what the producer raised."""
@@ -408,7 +404,7 @@ class _EpochBatches:
             yield item
 
     def close(self) -> None:
-        """Stop the producer (after a break): it ends its pass at its next batch."""
+        """Stop the producer (after a break or at the end): it ends its pass at its next batch."""
         import queue
 
         self._stop.set()
