@@ -82,6 +82,11 @@ class LocalRayCluster:
                 break
             time.sleep(0.5)
         # Leave nothing of the failed attempt (a late raylet would join as an extra node).
+        self._kill_session(proc)
+        return False
+
+    def _kill_session(self, proc: subprocess.Popen) -> None:
+        """SIGKILL every process in the session of one `ray start` process, then forget it."""
         for pid in self._session_pids({proc.pid}):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -89,7 +94,6 @@ class LocalRayCluster:
                 pass
         proc.wait(timeout=30)
         self.procs.remove(proc)
-        return False
 
     def log(self, name: str) -> str:
         return (Path(self.temp_dir) / f"{name}.log").read_text()
@@ -131,13 +135,7 @@ class LocalRayCluster:
         proc = self.nodes.pop(name)
         self._node_ids.pop(name, None)
         before = len(self.alive_node_ids())
-        for pid in self._session_pids({proc.pid}):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
-        self.procs.remove(proc)
+        self._kill_session(proc)
         deadline = time.time() + 60
         while len(self.alive_node_ids()) >= before:
             if time.time() > deadline:
