@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from hmhn import HMHN, HMHNConfig, LossConfig, hmhn_loss  # noqa: E402
-from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+from pipeline.cli import add_config_arguments, build_config, job_parser, parse_args  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,14 @@ def train_step_throughput(model: HMHN, batch: int, size: int, device: torch.devi
     return batch * steps / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with BenchConfig fields")
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     add_config_arguments(parser, BenchConfig, "benchmark")
-    args = parser.parse_args(argv)
-    config = build_config(BenchConfig, args, load_yaml_defaults(args.config))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = build_config(BenchConfig, parse_args(build_parser(), argv))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.cli import job_parser, parse_args  # noqa: E402
 from pipeline.decode import SamplingConfig  # noqa: E402
 
 SAMPLING = SamplingConfig(mode="fps", fps=5.0)
@@ -180,14 +181,18 @@ def _child(demo_dir: Path, n_videos: int, cpus: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     parser.add_argument("--demo-dir", default="data/demo/videos", help="demo videos (make demo's; generated there if missing)")
     parser.add_argument("--videos", type=int, default=32, help="N: videos per pipeline run, also run with 2N "
                         "(repeating the demo videos under new ids); 32 = the demo set once")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per CPU count (median reported)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     demo_dir = Path(args.demo_dir)
     if args._child:
         n, c = (int(v) for v in args._child.split(","))

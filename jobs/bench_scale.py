@@ -44,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.cli import job_parser, parse_args  # noqa: E402
+
 SPLIT_OF_BUCKET = ("train",) * 6 + ("dev",) * 2 + ("test",) * 2   # by subject: 60/20/20, subject-disjoint
 
 
@@ -384,8 +386,8 @@ def report_results(by_storage: dict[str, list[dict]], args: dict, plot_path: str
     return growths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000], help="numbers of videos N")
     parser.add_argument("--storage", nargs="+", default=["local", "s3"], choices=["local", "s3"],
                         help="where the shard set is written")
@@ -393,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                         "video has several row groups)")
     parser.add_argument("--video-fps", type=int, default=30, help="frame rate of the generated videos")
     parser.add_argument("--sample-fps", type=float, default=5.0, help="preprocessing's sampling rate")
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--height", type=int, default=120)
+    parser.add_argument("--width", type=int, default=160, help="frame width of the generated videos")
+    parser.add_argument("--height", type=int, default=120, help="frame height of the generated videos")
     parser.add_argument("--distinct", type=int, default=8, help="distinct clips encoded; the N files link to them")
     parser.add_argument("--row-group-rows", type=int, default=4, help="PreprocessConfig.row_group_rows")
     parser.add_argument("--videos-per-task", type=int, default=0, help="PreprocessConfig.videos_per_task "
@@ -404,13 +406,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="", help="videos, outputs, logs (default: a temp dir, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the shard sets (default: deleted after each run)")
     parser.add_argument("--plot", default=str(REPO / "docs/img/scale_growth.png"), help="PNG to write ('' = none)")
-    parser.add_argument("--child-timeout-s", type=float, default=3600.0)
+    parser.add_argument("--child-timeout-s", type=float, default=3600.0, help="a measuring child process "
+                        "that runs longer is killed")
     parser.add_argument("--results", default="", help="where to write the results JSON (default WORKDIR/results.json)")
     parser.add_argument("--report", default="", help="only print the tables and draw the plot of an earlier "
                         "run's results.json (nothing is run)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
 
     if args._child:
         result = child_measure(json.loads(args._child))

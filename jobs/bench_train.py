@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
+from pipeline.cli import job_parser, parse_args  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -147,21 +149,25 @@ def _child(args, config: TrainConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     parser.add_argument("--data", help="shard set (default: a synthetic one in a temp folder)")
     parser.add_argument("--videos", type=int, default=12, help="training videos of the synthetic shard set")
-    parser.add_argument("--input-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--frames-per-video", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--input-size", type=int, default=64, help="model input size in pixels")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per batch per worker")
+    parser.add_argument("--frames-per-video", type=int, default=16, help="training frames drawn per video per epoch")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each arm per round")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to measure")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of all arms (medians over them)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the plain loop "
                                                                  f"(default: the machine's default, {DEFAULT_THREADS})")
     parser.add_argument("--arm", choices=["plain", "ray"], help=argparse.SUPPRESS)  # internal: one arm, one round
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or write_synthetic_shardset(f"{tmp}/synth000", {"train": args.videos, "dev": 2},

@@ -58,6 +58,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.cli import job_parser, parse_args  # noqa: E402
+
 STEPS = ("model", "detect", "demo_data", "preprocess", "train", "predict")
 MODEL_NAME = "gpu-check"
 
@@ -612,8 +614,8 @@ def default_out() -> str:
     return os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else "gpu_check.json"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     parser.add_argument("--dry-run", action="store_true", help="CPU, smallest sizes: proves the wiring (CI)")
     parser.add_argument("--out", default=None, help="JSON report (default: $OUT/gpu_check.json, else ./gpu_check.json)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default: all)")
@@ -628,7 +630,11 @@ def main(argv: list[str] | None = None) -> int:
                         "dry run 320x240)")
     parser.add_argument("--child", choices=("model", "detect"), help=argparse.SUPPRESS)
     parser.add_argument("--child-result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     if args.child:
         return run_child(args)
 

@@ -11,16 +11,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import add_config_arguments, build_config, load_yaml_defaults  # noqa: E402
+from pipeline.cli import add_config_arguments, build_config, job_parser, parse_args  # noqa: E402
 from pipeline.demo_data import DemoDataConfig, make_demo_dataset  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of defaults (keys = option names)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     add_config_arguments(parser, DemoDataConfig, "demo data")
-    args = parser.parse_args(argv)
-    config = build_config(DemoDataConfig, args, load_yaml_defaults(args.config))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = build_config(DemoDataConfig, parse_args(build_parser(), argv))
     summary = make_demo_dataset(config)
     print(json.dumps({k: summary[k] for k in ("root", "manifest", "videos", "splits", "seconds")}))
     return 0

@@ -24,15 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmhn.scoring import ScoringConfig  # noqa: E402
-from pipeline.cli import (add_config_arguments, add_verbose_flag, apply_verbose_flag,  # noqa: E402
-                          build_config, load_yaml_defaults)
+from pipeline.cli import add_config_arguments, apply_verbose_flag, build_config, job_parser, parse_args  # noqa: E402
 from pipeline.storage import install_log_redaction, redact_uri  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_verbose_flag(parser)
-    parser.add_argument("--config", help="YAML file of defaults (keys = option names)")
+    parser = job_parser(__doc__)
     add_config_arguments(parser, ScoringConfig, "scoring")
     return parser
 
@@ -40,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     apply_verbose_flag(args)
     try:
-        config = build_config(ScoringConfig, args, load_yaml_defaults(args.config))
+        config = build_config(ScoringConfig, args)
     except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
         if not isinstance(exc.code, str):
             raise

@@ -26,32 +26,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.cli import job_parser, parse_args  # noqa: E402
 from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
 
 EXIT_MOVED, EXIT_BUSY, EXIT_BAD_INPUT, EXIT_KEPT = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__, verbose=False)
     parser.add_argument("--model-name", required=True, help="registered model name")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", help="the version to promote")
-    which.add_argument("--alias", default="candidate", help="promote the version holding this alias "
-                                                             "(default: candidate)")
-    parser.add_argument("--metric", default="dev_rmse", help="what to compare (default: dev_rmse)")
+    which.add_argument("--alias", default="candidate", help="promote the version holding this alias")
+    parser.add_argument("--metric", default="dev_rmse", help="what to compare")
     parser.add_argument("--higher-is-better", action="store_true", help="the metric improves upwards "
                                                                         "(default: lower is better)")
     parser.add_argument("--mlflow-uri", default="", help="MLflow tracking/registry URI (default: "
                                                          "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     parser.add_argument("--lock-timeout-s", type=float, default=120.0,
-                        help="how long to wait for another promotion of the same model (default: 120)")
+                        help="how long to wait for another promotion of the same model")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     out = redacting_printer(print)
 
     from mlflow.exceptions import MlflowException

@@ -15,17 +15,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.cli import job_parser, parse_args  # noqa: E402
 from hmhn.experiment import comparison_figure, comparison_from_mlflow, log_comparison, table_csv, table_markdown  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__, verbose=False)
     parser.add_argument("--experiment", required=True, help="experiment name (jobs/experiment.py --name)")
     parser.add_argument("--mlflow-uri", default="", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     parser.add_argument("--mlflow-experiment", default="hmhn", help="MLflow experiment holding the runs")
     parser.add_argument("--out", default="", help="output folder (default reports/NAME)")
     parser.add_argument("--log", action="store_true", help="also log the table and plot to the parent run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     from hmhn import tracking
 
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)

@@ -5,7 +5,7 @@
         --storage-path s3://bucket/ray_results --run-name hmhn-avec2014-a
 
 Rerun with the same --run-name to resume (e.g. with a larger --epochs). Options can also come from
-a YAML file (--config FILE; keys = option names, model/loss options by their own names).
+a YAML file (--config FILE; keys = option names: `input-size: 112`).
 
 The new model version gets the alias `candidate`; `champion` moves only through
 jobs/promote.py (or --promote here). Exit status: 0 trained, 1 training failed (bad data,
@@ -29,36 +29,30 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
-from hmhn import HMHNConfig, LossConfig  # noqa: E402
 from hmhn.train import TrainConfig, TrainingDiverged, run_training  # noqa: E402
-from pipeline.cli import (add_config_arguments, add_verbose_flag, apply_verbose_flag,  # noqa: E402
-                          build_config, load_yaml_defaults)
+from pipeline.cli import add_config_arguments, apply_verbose_flag, build_config, job_parser, parse_args  # noqa: E402
 from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
+
+# The model's and the loss's options are known unprefixed (--input-size, --num-heads); the initial
+# score is set from the training mean.
+FLAT, SKIP = ("model", "loss"), ("model.initial_score",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser(__doc__)
+    add_config_arguments(parser, TrainConfig, "training", skip=SKIP, flat=FLAT)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_verbose_flag(parser)
-    parser.add_argument("--config", help="YAML file of defaults (keys = option names)")
-    add_config_arguments(parser, TrainConfig, "training", skip=("model", "loss"))
-    add_config_arguments(parser, HMHNConfig, "model", skip=("initial_score",))  # set from the training mean
-    add_config_arguments(parser, LossConfig, "loss")
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
     apply_verbose_flag(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     out = redacting_printer(print)
-    try:
-        values = load_yaml_defaults(args.config)
-        pick = lambda cls: {k: v for k, v in values.items() if k in cls.__dataclass_fields__}  # noqa: E731
-        unknown = set(values) - set(TrainConfig.__dataclass_fields__) - set(HMHNConfig.__dataclass_fields__) \
-            - set(LossConfig.__dataclass_fields__)
-        if unknown:
-            raise SystemExit(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
-        # Validated before anything starts (no Ray, no MLflow, no storage access).
-        config = build_config(TrainConfig, args, pick(TrainConfig),
-                              model=build_config(HMHNConfig, args, pick(HMHNConfig)),
-                              loss=build_config(LossConfig, args, pick(LossConfig)))
+    try:  # validated before anything starts (no Ray, no MLflow, no storage access)
+        config = build_config(TrainConfig, args, skip=SKIP, flat=FLAT)
     except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
         if not isinstance(exc.code, str):
             raise

@@ -1,21 +1,76 @@
-"""Turn frozen config dataclasses into argparse argument groups (plus an optional YAML file).
+"""The one command-line convention of every job in `jobs/`: config dataclasses -> argparse, plus YAML.
 
-Jobs in `jobs/` call these; library code never reads argv. Precedence: dataclass default <
-YAML file (`--config FILE`, keys are field names) < explicit command-line flags.
-Field help comes from `field(metadata={"help": ...})`.
+Library code never reads argv; a job builds its parser here and turns the parsed values into its
+frozen config dataclass:
+
+    parser = job_parser(__doc__)                          # --config FILE, --verbose, one help format
+    add_config_arguments(parser, TrainConfig, "training", flat=("model", "loss"))
+    args = parse_args(parser, argv)                       # YAML values beneath the command line
+    config = build_config(TrainConfig, args, flat=("model", "loss"))
+
+The rules, the same for every job:
+- **Option = field.** Every field of the job's config is one option, `--field-name`, with the help
+  text of `field(metadata={"help": ...})` and its default shown once. A nested config dataclass
+  (PreprocessConfig.detector) is an argument group whose options carry its field name as a prefix,
+  at any depth: `detector.scrfd.det_size` is `--detector-scrfd-det-size`. A job may list nested
+  configs as `flat` when their field names are unique and users know them unprefixed (training's
+  `model` and `loss`: `--input-size`, `--num-heads`).
+- **YAML keys = option names.** `--config FILE` is a mapping of option names without the dashes
+  (`detector-name: scrfd`; `_` and `-` are the same). A prefixed group may also be written as a
+  section (`detector: {scrfd: {det-size: 640}}`). Precedence: field default < YAML < command line.
+  An unknown key is an error that names it.
+- Options that are not config fields (a job's own switches, e.g. `--grid-file`) follow the same
+  two rules: help text on every one, and YAML keys by their option name.
+
+Hand-written rather than jsonargparse / simple-parsing / draccus: it is ~200 lines, it needs no
+dependency beside the pinned set (ENVIRONMENT.md), and the flag names, flat groups and exit codes of
+the existing jobs stay as users and scripts know them.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the job's docstring as written, and shows each option's default once.
+
+    The default is appended unless the help text already speaks of it (argparse's
+    BooleanOptionalAction appends its own, and some texts explain an empty default in words).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is argparse.SUPPRESS
+                or default is False or default == "" or default == () or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def job_parser(description: str | None, verbose: bool = True) -> argparse.ArgumentParser:
+    """A job's parser: its docstring as description, `--config FILE`, and `--verbose` where Ray runs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of option values (keys = option names without '--'); the command "
+                             "line wins over it")
+    if verbose:
+        add_verbose_flag(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# config dataclasses <-> options
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -28,12 +83,12 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _join(prefix: str, name: str, sep: str = "_") -> str:
+    return f"{prefix}{sep}{name}" if prefix else name
 
 
 def _parse_bool(text: str) -> bool:
-    low = text.lower()
+    low = str(text).lower()
     if low in ("1", "true", "yes", "on"):
         return True
     if low in ("0", "false", "no", "off"):
@@ -41,32 +96,60 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
-                         skip: tuple[str, ...] = (), prefix: str = "") -> None:
-    """Add one argument group with a flag per field of dataclass `cls` (default: not given).
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    field: dataclasses.Field
+    type: Any        # the field's type with Optional removed
+    dest: str        # argparse dest: the prefix chain and the field name joined by "_"
+    group: str       # argument group title
 
-    With `prefix="detector"` field `name` becomes `--detector-name` (dest `detector_name`), so
-    nested configs with clashing field names can share one parser.
-    """
-    group = parser.add_argument_group(title)
+
+def _walk(cls: type, title: str, skip: Sequence[str], flat: Sequence[str], prefix: str = "",
+          path: str = "") -> Iterator[_Option]:
+    """Every option of `cls`, nested configs depth-first, in field order."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init or dataclasses.is_dataclass(hints[f.name]):
+        where = _join(path, f.name, ".")
+        if not f.init or where in skip or (not path and f.name in skip):
             continue
-        dest = f"{prefix}_{f.name}" if prefix else f.name
-        tp, optional = _base_type(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if default is not None and f.default is not dataclasses.MISSING:
-            help_text = f"{help_text} (default: {default})".strip()
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        tp, _ = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            flat_here = f.name in flat
+            about = f.metadata.get("help")
+            section = f"{where} ({about})" if about else where
+            yield from _walk(tp, title if flat_here else section, skip, flat,
+                             prefix if flat_here else _join(prefix, f.name), where)
+        else:
+            yield _Option(f, tp, _join(prefix, f.name), title)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return argparse.SUPPRESS  # a required field: absent from the namespace unless given
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str, *,
+                         skip: Sequence[str] = (), flat: Sequence[str] = ()) -> None:
+    """One argument group per (nested) config dataclass, one option per field.
+
+    `skip`: fields the job sets itself (`"model.initial_score"`, or a bare name at the top level).
+    `flat`: names of nested config fields whose options take no prefix.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in _walk(cls, title, skip, flat):
+        group = groups.get(opt.group) or groups.setdefault(opt.group, parser.add_argument_group(opt.group))
+        f, tp = opt.field, opt.type
+        kwargs: dict[str, Any] = {"dest": opt.dest, "default": _default(f), "help": f.metadata.get("help", "")}
+        flag = "--" + opt.dest.replace("_", "-")
         if tp is bool:
-            group.add_argument(_flag(dest), action=argparse.BooleanOptionalAction, **kwargs)
+            action = group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            action.help = kwargs["help"]  # not argparse's own "(default: ...)": HelpFormatter adds it once
             continue
-        origin = typing.get_origin(tp)
-        if origin is tuple:
-            inner = typing.get_args(tp)[0]
-            kwargs.update(nargs="+", type=inner)
+        if typing.get_origin(tp) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(tp)[0])
         elif typing.get_origin(tp) is typing.Literal:
             kwargs.update(choices=list(typing.get_args(tp)))
         elif tp in (int, float, str):
@@ -74,46 +157,44 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str,
         else:
             kwargs.update(type=str)
         if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(_flag(dest), **kwargs)
+            kwargs["choices"] = list(f.metadata["choices"])
+        group.add_argument(flag, **kwargs)
 
 
-def load_yaml_defaults(path: str | Path | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"config file {path}: expected a mapping of option: value, got {type(data).__name__}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+def build_config(cls: type[T], args: argparse.Namespace | dict[str, Any], *, skip: Sequence[str] = (),
+                 flat: Sequence[str] = (), **overrides: Any) -> T:
+    """Instantiate `cls` (and its nested configs) from parsed options; `overrides` win.
 
-
-def build_config(cls: type[T], args: argparse.Namespace | dict[str, Any],
-                 yaml_values: dict[str, Any] | None = None, prefix: str = "", **overrides: Any) -> T:
-    """Instantiate `cls` from YAML values, then argparse values, then explicit overrides.
-
-    For a nested config the YAML values are its own section (`detector: {name: scrfd}`) and
-    `prefix` selects its command-line flags (`--detector-name`).
+    Invalid values raise SystemExit with a message naming the config, which the jobs print as
+    `error: ...` with exit status 2.
     """
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    if prefix:
-        cut = len(prefix) + 1
-        given = {k[cut:]: v for k, v in given.items() if k.startswith(prefix + "_")}
-    values: dict[str, Any] = {}
-    for source in (yaml_values or {}, given, overrides):
-        values.update({k: v for k, v in source.items() if k in names})
-    nested = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])}
-    unknown = set(yaml_values or {}) - names
-    for key in nested & set(values):
-        if isinstance(values[key], dict):  # a YAML section for a nested config: built by the caller
-            del values[key]
-    if unknown:
-        raise SystemExit(f"unknown option(s) in config file for {cls.__name__}: {', '.join(sorted(unknown))}")
+    return _build(cls, given, skip, flat, "", "", overrides)
+
+
+def _build(cls: type, given: dict[str, Any], skip: Sequence[str], flat: Sequence[str], prefix: str, path: str,
+           overrides: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
-    for key, value in list(values.items()):
-        tp, _ = _base_type(hints[key])
-        if typing.get_origin(tp) is tuple and isinstance(value, list):
-            values[key] = tuple(value)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        where = _join(path, f.name, ".")
+        if not f.init or where in skip or (not path and f.name in skip):
+            continue
+        tp, _ = _base_type(hints[f.name])
+        if not path and f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif dataclasses.is_dataclass(tp):
+            values[f.name] = _build(tp, given, skip, flat, prefix if f.name in flat else _join(prefix, f.name),
+                                    where, {})
+        elif _join(prefix, f.name) in given:
+            value = given[_join(prefix, f.name)]
+            if typing.get_origin(tp) is tuple and isinstance(value, list):
+                value = tuple(value)
+            if tp is bool and not isinstance(value, bool):
+                value = _parse_bool(value)
+            values[f.name] = value
+    if not path:
+        values.update({k: v for k, v in overrides.items() if k not in values})
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -125,6 +206,71 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# ----------------------------------------------------------------------------------------------
+# YAML
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def read_config_file(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """{dest: value} of a YAML file whose keys are `parser`'s option names; SystemExit names unknown keys."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise SystemExit(f"config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    data = data or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"config file {path}: expected a mapping of option: value, got {type(data).__name__}")
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+
+    def flatten(mapping: dict, prefix: str) -> None:
+        for key, value in mapping.items():
+            dest = _join(prefix, str(key).replace("-", "_"))
+            if dest in dests:
+                values[dest] = value
+            elif isinstance(value, dict) and any(d.startswith(dest + "_") for d in dests):
+                flatten(value, dest)  # a section: `detector: {name: scrfd}`
+            else:
+                unknown.append(dest.replace("_", "-"))
+
+    flatten(data, "")
+    if unknown:
+        raise SystemExit(f"config file {path}: unknown option(s) {', '.join(sorted(unknown))} "
+                         f"(keys are this job's option names; see --help)")
+    return values
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args with the values of `--config FILE` as defaults (so the command line wins)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = _config_path(argv)
+    if path:
+        try:
+            values = read_config_file(path, parser)
+        except SystemExit as exc:
+            parser.error(str(exc.code))
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False  # given by the file
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# --verbose
+
+
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     """--verbose, the same in every job: Ray's own console output back (see apply_verbose_flag)."""
     parser.add_argument("--verbose", action="store_true",
@@ -134,8 +280,6 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 def apply_verbose_flag(args: argparse.Namespace) -> None:
     """Before Ray starts: pipeline.ray_utils.init_ray reads HMHN_VERBOSE (library code never reads argv)."""
-    import os
-
     from pipeline.ray_utils import VERBOSE_ENV
 
     if getattr(args, "verbose", False):
