@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-BDI_MIN = 0.0
-BDI_MAX = 63.0
+from pipeline.schema import LABEL_MAX, LABEL_MIN
+
+BDI_MIN, BDI_MAX = float(LABEL_MIN), float(LABEL_MAX)  # the model's output range: the BDI-II totals
 
 # The ResNet-18 trunk halves the map five times (each stride-2 layer rounds up: 112 px -> 4x4, 224 px -> 7x7).
 BACKBONE_DOWNSAMPLINGS = 5

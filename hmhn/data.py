@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from hmhn.image import decode_jpeg
-from pipeline.shardset import RowGroupReader, ShardIndex, ShardSetError, VideoEntry, uniform_positions
+from pipeline.sampling import uniform_positions
+from pipeline.shardset import RowGroupReader, ShardIndex, ShardSetError, VideoEntry
 
 __all__ = ["ShardIndex", "ShardSetError", "VideoEntry", "open_shardset", "check_trainable", "owner_rank",
            "uniform_positions", "augment", "sample_train_frames", "train_dataset", "iter_eval_batches",

@@ -14,6 +14,7 @@ import torch
 
 from hmhn.image import decode_jpeg, to_model_input
 from hmhn.model import HMHN, HMHNScorer
+from pipeline.schema import LABEL_MAX, LABEL_MIN, SEVERITY_BANDS
 
 
 def pick_faces(count: int, faces: int) -> list[int]:
@@ -71,9 +72,9 @@ def frame_score_figure(timestamps_s: np.ndarray, scores: np.ndarray, title: str 
     if len(scores):
         mean = float(np.mean(scores))
         ax.axhline(mean, color="C3", lw=1.5, label=f"video mean {mean:.1f}")
-    for cut in (14, 20, 29):  # BDI-II band boundaries (pipeline.schema.severity_band)
-        ax.axhline(cut, color="0.8", lw=0.8, ls="--")
-    ax.set_ylim(0, 63)
+    for _, lowest in SEVERITY_BANDS[1:]:  # BDI-II band boundaries
+        ax.axhline(lowest, color="0.8", lw=0.8, ls="--")
+    ax.set_ylim(LABEL_MIN, LABEL_MAX)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("BDI-II")
     ax.set_title(title, fontsize=9)

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from hmhn.config import BDI_MAX, BDI_MIN
 from hmhn.metrics import AGGREGATIONS, video_scores
 from pipeline.manifest import DATASETS
 from pipeline.schema import STATUS_FAILED, STATUS_NO_FACE, STATUS_OK, severity_band
@@ -100,30 +101,22 @@ class ScoringConfig:
 # Input -> manifest
 
 
-def _join_uri(original: str, fs: pafs.FileSystem, path: str) -> str:
-    """A path inside `fs` back as something the decoder opens (plain path locally, scheme://path remotely)."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    return f"{original.split('://', 1)[0]}://{path}"
-
-
 def _video_files(inputs: tuple[str, ...]) -> list[str]:
     """Expand folders (recursively, known video extensions); files are taken as given, even if broken:
     a bad file becomes a failed row in the output, not an error here."""
     from pipeline.manifest import VIDEO_EXTENSIONS
-    from pipeline.storage import resolve_filesystem
+    from pipeline.storage import file_info, uri_for
 
     found: list[str] = []
     for item in inputs:
-        fs, path = resolve_filesystem(item)
-        info = fs.get_file_info(path)
+        fs, path, info = file_info(item)
         if info.type == pafs.FileType.Directory:
             entries = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             videos = sorted(e.path for e in entries if e.type == pafs.FileType.File
                             and e.path.lower().endswith(VIDEO_EXTENSIONS))
             if not videos:
                 raise ScoringError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) under {item}")
-            found.extend(_join_uri(item, fs, v) for v in videos)
+            found.extend(uri_for(item, v) for v in videos)
         elif info.type == pafs.FileType.File:
             found.append(item)
         else:
@@ -259,7 +252,7 @@ def video_table(manifest: pa.Table, status: pd.DataFrame, frames: pd.DataFrame, 
         if video_id in inference_error:
             row.update(status=STATUS_FAILED, reason=inference_error[video_id])
         elif video_id in per_video:
-            score = float(np.clip(per_video[video_id], 0.0, 63.0))
+            score = float(np.clip(per_video[video_id], BDI_MIN, BDI_MAX))
             row.update(score=score, frames_used=int(counts[video_id]), score_std=float(spread[video_id]),
                        severity=severity_band(score))
         elif state["status"] == STATUS_OK:  # status says faces were kept, but no frame reached the model
@@ -269,16 +262,11 @@ def video_table(manifest: pa.Table, status: pd.DataFrame, frames: pd.DataFrame, 
 
 
 def write_csv(table: pd.DataFrame, uri: str) -> None:
-    from pipeline.storage import resolve_filesystem
+    from pipeline.storage import write_bytes
 
-    fs, path = resolve_filesystem(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.create_dir(parent, recursive=True)
     buffer = io.StringIO()
     table.to_csv(buffer, index=False, float_format="%.4f")
-    with fs.open_output_stream(path) as out:
-        out.write(buffer.getvalue().encode())
+    write_bytes(uri, buffer.getvalue().encode())
 
 
 def read_status(shard_uri: str) -> pd.DataFrame:
@@ -304,6 +292,22 @@ def read_video_frames(shard_uri: str, video_id: str) -> pd.DataFrame:
 # The job
 
 
+def model_preprocessing(stored: dict[str, Any], dataset: str, input: str, workdir: str):
+    """The preprocessing a model was trained on (its stored config.json, also one written by older code:
+    pipeline.preprocess.preprocess_config_from_dict reads those), with this run's input: not training's
+    labels folder or split policy. ScoringError when this code cannot reproduce its preprocess_version."""
+    from pipeline.preprocess import preprocess_config_from_dict, preprocess_version
+
+    preprocess = preprocess_config_from_dict(stored, dataset=dataset, input=input, output=workdir,
+                                             num_detect_actors=0, limit=0, labels="", split_policy="", split_seed=0)
+    expected = stored.get("preprocess_version")
+    if expected and preprocess_version(preprocess) != expected:
+        raise ScoringError(f"the model's preprocessing (version {expected}) cannot be reproduced by this code "
+                           f"(it gives {preprocess_version(preprocess)}): the preprocessing code changed since "
+                           "the model was trained; score with the code version that trained it")
+    return preprocess
+
+
 def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) -> pd.DataFrame:
     """Score every video of config.input with config.model; writes config.output and returns the same table.
 
@@ -313,7 +317,7 @@ def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) 
     import mlflow
 
     from hmhn.serving import load_scoring_model
-    from pipeline.preprocess import preprocess_config_from_dict, preprocess_version, run_preprocess
+    from pipeline.preprocess import preprocess_version, run_preprocess
     from pipeline.storage import redacting_printer
 
     started = time.time()
@@ -325,15 +329,7 @@ def score_videos(config: ScoringConfig, printer: Callable[[str], None] = print) 
     manifest, dataset = build_manifest(config)
     workdir = config.workdir or tempfile.mkdtemp(prefix="hmhn-score-")
     try:
-        # The model's preprocessing, with this run's input: not training's labels folder or split policy.
-        preprocess = preprocess_config_from_dict(stored, dataset=dataset, input=",".join(config.input),
-                                                 output=workdir, num_detect_actors=0, limit=0, labels="",
-                                                 split_policy="", split_seed=0)
-        expected = stored.get("preprocess_version")
-        if expected and preprocess_version(preprocess) != expected:
-            raise ScoringError(f"the model's preprocessing (version {expected}) cannot be reproduced by this code "
-                               f"(it gives {preprocess_version(preprocess)}): the preprocessing code changed since "
-                               "the model was trained; score with the code version that trained it")
+        preprocess = model_preprocessing(stored, dataset, ",".join(config.input), workdir)
         printer(f"[predict] model {config.model} (preprocess_version {preprocess_version(preprocess)}, "
                 f"input {model.config.input_size} px); {manifest.num_rows} videos")
         summary = run_preprocess(preprocess, manifest=manifest, printer=printer)

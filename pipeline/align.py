@@ -9,13 +9,13 @@ uniform scale, translation; Umeyama 1991) maps the detected landmarks onto the t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import cv2
 import numpy as np
 
-from pipeline.detect import Face
+from pipeline.detectors.base import Face
 
 # insightface.utils.face_align.arcface_dst: left eye, right eye, nose, left/right mouth corner
 # (image left/right) in a 112x112 crop.
@@ -27,12 +27,14 @@ FACE_SELECTIONS = ("largest", "central")
 
 @dataclass(frozen=True)
 class AlignConfig:
-    size: int = 224  # output crop side, pixels
-    # How much looser than the ArcFace crop: the template is shrunk toward the crop centre by
-    # 1 / (1 + margin). 0 = ArcFace's tight recognition crop; 0.3 (default) = whole face incl. brows
-    # and chin with a thin border; larger values show more hair/background.
-    margin: float = 0.3
-    face_selection: str = "largest"  # "largest" (bbox area) | "central" (bbox centre nearest the frame centre)
+    size: int = field(default=224, metadata={"help": "side of the square face crop, pixels"})
+    # The template is shrunk toward the crop centre by 1 / (1 + margin).
+    margin: float = field(default=0.3, metadata={
+        "help": "how much looser than ArcFace's crop: 0 = its tight recognition crop; 0.3 = the whole face with "
+                "brows and chin and a thin border; larger values show more hair and background"})
+    face_selection: str = field(default="largest", metadata={
+        "help": "the face kept when a frame has several: largest (box area) or central (box centre nearest the "
+                "frame centre)", "choices": FACE_SELECTIONS})
 
     def __post_init__(self) -> None:
         if self.size < 16:

@@ -1,4 +1,7 @@
-"""Video decoding: probe a file, plan which frames to keep, and decode them in bounded chunks.
+"""Video decoding: probe a file, and decode the frames the sampling policy keeps in bounded chunks.
+
+Which frames are kept is pipeline.sampling's (`SamplingConfig`, `plan_frame_indices`; re-exported
+here); staging a remote file on local disk is pipeline.storage's (`local_copy`).
 
 Two interchangeable backends sit behind one small interface (`_FrameReader`):
 
@@ -28,19 +31,21 @@ Refusing keeps the face-detection geometry honest; a user who really wants such 
 `max_pixels`.
 
 Inputs are local paths or any pyarrow filesystem URI (file://, s3://, gs://, ...). Remote files
-are copied to a local temporary file first (decord needs a path) and removed afterwards.
+are copied to a local temporary file first (decord needs a path) and removed afterwards
+(`local_video_path`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
+
+from pipeline.sampling import BACKENDS, SAMPLING_MODES, SamplingConfig, plan_frame_indices
+from pipeline.storage import StorageError, local_copy
 
 __all__ = [
     "VideoDecodeError",
@@ -52,10 +57,10 @@ __all__ = [
     "plan_frame_indices",
     "iter_frame_chunks",
     "decord_available",
+    "local_video_path",
+    "SAMPLING_MODES",
+    "BACKENDS",
 ]
-
-SAMPLING_MODES = ("fps", "every_n", "max_frames")
-BACKENDS = ("auto", "decord", "pyav")
 
 # PyAV seeks (to the keyframe before the next wanted frame) only when the next wanted frame is
 # further ahead than this; shorter gaps are cheaper to decode through than to seek across.
@@ -93,39 +98,9 @@ class VideoNotFoundError(VideoDecodeError, FileNotFoundError):
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """Which frames to keep and how to decode them.
-
-    mode: "fps" keeps the frames nearest to a `fps` grid (every frame if the video is slower);
-          "every_n" keeps frames 0, n, 2n, ...; "max_frames" keeps at most `max_frames` frames,
-          one from the middle of each of `max_frames` equal segments of the video.
-    chunk_frames: decoded frames per yielded chunk (the memory bound).
-    backend: "auto" (decord, PyAV fallback) | "decord" | "pyav".
-    max_pixels: frames larger than this (width*height) are refused with a VideoDecodeError.
-    """
-
-    mode: str = "fps"
-    fps: float = 5.0
-    every_n: int = 10
-    max_frames: int = 64
-    chunk_frames: int = 32
-    backend: str = "auto"
-    max_pixels: int = 3840 * 2160
-
-    def __post_init__(self) -> None:
-        if self.mode not in SAMPLING_MODES:
-            raise ValueError(f"SamplingConfig.mode must be one of {SAMPLING_MODES}, got {self.mode!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SamplingConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not self.fps > 0:
-            raise ValueError(f"SamplingConfig.fps must be > 0, got {self.fps}")
-        for name in ("every_n", "max_frames", "chunk_frames", "max_pixels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"SamplingConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
 class VideoInfo:
+    """What the probe found out about a video stream."""
+
     num_frames: int
     fps: float
     width: int
@@ -165,31 +140,6 @@ def probe_video(uri: str, config: SamplingConfig = SamplingConfig()) -> VideoInf
             reader.close()
 
 
-def plan_frame_indices(info: VideoInfo, config: SamplingConfig) -> np.ndarray:
-    """Frame indices to keep under `config`, sorted, unique, int64, all < info.num_frames."""
-    n = int(info.num_frames)
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if config.mode == "every_n":
-        planned = np.arange(0, n, int(config.every_n), dtype=np.int64)
-    elif config.mode == "max_frames":
-        k = int(config.max_frames)
-        if n <= k:
-            planned = np.arange(n, dtype=np.int64)
-        else:
-            # middle frame of each of k equal segments: uniform, symmetric, no duplicates (n > k)
-            planned = np.floor((np.arange(k) + 0.5) * n / k).astype(np.int64)
-    else:  # "fps"
-        if info.fps <= 0 or config.fps >= info.fps:
-            planned = np.arange(n, dtype=np.int64)
-        else:
-            step = info.fps / config.fps  # source frames per kept frame
-            count = int(np.ceil(n / step))
-            planned = np.round(np.arange(count) * step).astype(np.int64)
-    planned = planned[(planned >= 0) & (planned < n)]
-    return np.unique(planned)
-
-
 def iter_frame_chunks(uri: str, config: SamplingConfig = SamplingConfig()) -> Iterator[FrameChunk]:
     """Decode the planned frames of `uri` as chunks of at most `config.chunk_frames` RGB frames.
 
@@ -217,53 +167,18 @@ def iter_frame_chunks(uri: str, config: SamplingConfig = SamplingConfig()) -> It
 # Local paths and remote URIs
 # --------------------------------------------------------------------------------------------
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _filesystem_from_uri(uri: str):
-    """(pyarrow filesystem, path inside it); a seam tests replace to simulate remote stores."""
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(uri)
-
-
 @contextlib.contextmanager
 def local_video_path(uri: str) -> Iterator[str]:
-    """A local path for `uri`: the file itself, or a temporary copy of a remote object.
-
-    The copy is deleted when the context exits (also when decoding fails or a generator using it
-    is closed early).
-    """
-    uri = os.fspath(uri)
-    if _is_local(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        if not os.path.isfile(path):
-            raise VideoNotFoundError(path)
-        yield path
-        return
-
-    import pyarrow.fs as pafs
-
-    try:
-        filesystem, remote_path = _filesystem_from_uri(uri)
-        file_info = filesystem.get_file_info(remote_path)
-    except Exception as err:
-        raise VideoDecodeError(f"cannot reach {uri}: {err}") from err
-    if file_info.type != pafs.FileType.File:
-        raise VideoNotFoundError(uri)
-    suffix = os.path.splitext(remote_path)[1] or ".mp4"
-    fd, local_path = tempfile.mkstemp(prefix="video_", suffix=suffix)
-    try:
+    """A local path for `uri`: the file itself, or a temporary copy of a remote object deleted when the
+    context exits (pipeline.storage.local_copy); its failures as VideoNotFoundError / VideoDecodeError."""
+    with contextlib.ExitStack() as stack:
         try:
-            with os.fdopen(fd, "wb") as out, filesystem.open_input_stream(remote_path) as src:
-                shutil.copyfileobj(src, out, length=8 << 20)
-        except Exception as err:
-            raise VideoDecodeError(f"cannot copy {uri} to local disk: {err}") from err
-        yield local_path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(local_path)
+            path = stack.enter_context(local_copy(uri, prefix="video_", default_suffix=".mp4"))
+        except FileNotFoundError as err:
+            raise VideoNotFoundError(err.filename or uri) from err
+        except StorageError as err:
+            raise VideoDecodeError(str(err)) from err
+        yield path
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from pipeline.schema import LABEL_MAX, LABEL_MIN
 from pipeline.video_io import write_mp4
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,10 @@ def _photo_sources() -> list[tuple[str, np.ndarray]]:
 
 def load_subject_faces() -> list[SubjectFace]:
     """The 8 subjects: the six faces of t1.jpg (left to right), Tom Hanks, the astronaut."""
-    from pipeline.detect import DetectorConfig, make_detector
+    from pipeline.detect import DetectorConfig, MtcnnSettings, make_detector
 
-    detector = make_detector(DetectorConfig(min_face_size=20, score_threshold=0.9, max_image_side=1280))
+    detector = make_detector(DetectorConfig(mtcnn=MtcnnSettings(min_face_size=20), score_threshold=0.9,
+                                            max_image_side=1280))
     subjects = []
     for name, rgb in _photo_sources():
         faces = detector.detect(rgb)
@@ -139,7 +141,7 @@ def render_label(subject: SubjectFace, label: float, rng: np.random.Generator | 
     Strength s = label/63: mouth corners move down (and slightly inwards) by up to ~0.45 of the
     inter-ocular distance, upper eyelids droop by up to ~0.3 of it and are shaded darker.
     """
-    s = float(np.clip(label, 0, 63)) / 63.0
+    s = float(np.clip(label, LABEL_MIN, LABEL_MAX) - LABEL_MIN) / (LABEL_MAX - LABEL_MIN)
     if rng is not None:
         s = float(np.clip(s + rng.normal(0, 0.02), 0, 1))  # label noise: the same label never renders identically
     lm = subject.landmarks
@@ -294,7 +296,8 @@ def plan_dataset(config: DemoDataConfig, subject_names: list[str]) -> list[DemoV
         split_of[idx] = "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
     # Labels spread over the whole BDI-II range so every split sees low and high scores.
     n_videos = n * config.videos_per_subject
-    labels = np.clip(np.round(np.linspace(2, 61, n_videos) + rng.uniform(-2, 2, n_videos)), 0, 63).astype(int)
+    labels = np.round(np.linspace(LABEL_MIN + 2, LABEL_MAX - 2, n_videos) + rng.uniform(-2, 2, n_videos))
+    labels = np.clip(labels, LABEL_MIN, LABEL_MAX).astype(int)
     labels = labels[rng.permutation(n_videos)]
     videos = []
     for s in range(n):

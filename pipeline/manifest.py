@@ -62,7 +62,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from pipeline.schema import LABEL_MAX, LABEL_MIN, MANIFEST_SCHEMA, SPLITS
-from pipeline.storage import resolve_filesystem
+from pipeline.storage import StorageError, file_info, join_uri, parent_uri, resolve_filesystem, uri_for, write_bytes
 
 __all__ = [
     "ManifestError",
@@ -342,12 +342,7 @@ def write_manifest_csv(table: pa.Table, path: str) -> None:
         label = row.get("label")
         row["label"] = "" if label is None else (str(int(label)) if float(label).is_integer() else repr(label))
         writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in columns})
-    filesystem, fs_path = resolve_filesystem(path)
-    parent = posixpath.dirname(fs_path)
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
-    with filesystem.open_output_stream(fs_path) as out:
-        out.write(buffer.getvalue().encode("utf-8"))
+    write_bytes(path, buffer.getvalue().encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,14 +470,6 @@ def _to_table(rows: list[dict]) -> pa.Table:
 # Filesystems
 # --------------------------------------------------------------------------------------------
 
-def _uri_for(source: str, fs_path: str) -> str:
-    """Turn a path inside the source's filesystem back into a URI the decoder accepts."""
-    if "://" not in source or source.startswith("file://"):
-        return fs_path
-    scheme = source.split("://", 1)[0]
-    return f"{scheme}://{fs_path}"
-
-
 def _read_text(filesystem, fs_path: str) -> str:
     with filesystem.open_input_stream(fs_path) as stream:
         return stream.read().decode("utf-8-sig", errors="replace")
@@ -494,9 +481,8 @@ def _list_files(source: str, what: str) -> tuple[object, str, list[tuple[str, li
     import pyarrow.fs as pafs
 
     try:
-        filesystem, root = resolve_filesystem(source)
-        root_info = filesystem.get_file_info(root)
-    except Exception as err:
+        filesystem, root, root_info = file_info(source)
+    except StorageError as err:
         raise ManifestError(f"cannot open {what} {source}: {err}") from err
     if root_info.type != pafs.FileType.Directory:
         raise ManifestError(f"{what} {source} is not a folder")
@@ -598,7 +584,7 @@ def _rows_from_avec(source: str, parse_video, labels_source: str | None
             continue
         split = _split_of_folders(relative[:-1])
         if split is None:
-            unplaced.append(_uri_for(source, fs_path))
+            unplaced.append(uri_for(source, fs_path))
         else:
             videos.append((split, fs_path, parsed))
 
@@ -618,7 +604,7 @@ def _rows_from_avec(source: str, parse_video, labels_source: str | None
         key = labels.lookup(parsed["label_keys"])
         rows.append({"video_id": parsed["video_id"], "subject_id": parsed["subject_id"],
                      "split": split, "label": labels.values.get(key) if key else None,
-                     "uri": _uri_for(source, fs_path), "task": parsed["task"], "label_key": key})
+                     "uri": uri_for(source, fs_path), "task": parsed["task"], "label_key": key})
     rows = _sorted_rows(rows)
     # unreadable/conflicting label files are reported with the rows they affect
     problems = [f"row {i + 1} (video_id {row['video_id']!r}): {labels.problems[row['label_key']]}"
@@ -660,7 +646,7 @@ def _rows_from_csv(source: str) -> tuple[list[dict], list[str]]:
                             f"{list(CSV_REQUIRED_COLUMNS)} (task optional); missing {missing}, "
                             f"got {header}")
     reader.fieldnames = header
-    base = posixpath.dirname(source.rstrip("/")) if "://" in source else os.path.dirname(os.path.abspath(source))
+    base = parent_uri(source)
 
     rows, problems = [], []
     for i, record in enumerate(reader):
@@ -677,17 +663,9 @@ def _rows_from_csv(source: str) -> tuple[list[dict], list[str]]:
         rows.append({"video_id": video_id, "subject_id": _text(record.get("subject_id")),
                      "split": _text(record.get("split")).lower(),
                      "label": label,
-                     "uri": _resolve_uri(uri, base) if uri else "",
+                     "uri": join_uri(base, uri) if uri else "",
                      "task": _text(record.get("task")) or None})
     return rows, problems
-
-
-def _resolve_uri(uri: str, base: str) -> str:
-    if "://" in uri or os.path.isabs(uri):
-        return uri
-    if "://" in base:
-        return posixpath.join(base, uri)
-    return os.path.normpath(os.path.join(base, uri))
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,9 +124,9 @@ def preprocess_version(config: PreprocessConfig) -> str:
     # Options that do not change a shard's content stay out, so that e.g. adding a device option never
     # orphans the registered models trained on existing shard sets.
     content = {
-        "sampling": {k: v for k, v in dataclasses.asdict(config.sampling).items() if k not in ("backend", "chunk_frames")},
-        "detector": {k: v for k, v in dataclasses.asdict(config.detector).items()
-                     if k not in getattr(DetectorConfig, "RUNTIME_FIELDS", ("use_gpu", "intra_op_threads"))},
+        "sampling": {k: v for k, v in dataclasses.asdict(config.sampling).items()
+                     if k not in SamplingConfig.RUNTIME_FIELDS},
+        "detector": config.detector.content(),
         "align": dataclasses.asdict(config.align),
         "jpeg_quality": config.jpeg_quality,
         "schema": FORMAT_VERSION,
@@ -587,10 +587,11 @@ def preprocess_config_from_dict(data: dict[str, Any], **overrides: Any) -> Prepr
     """Rebuild a PreprocessConfig from `config.json` (`{"config": {...}}` or the inner dict), e.g.
     to score new videos with exactly the preprocessing a model was trained on."""
     inner = dict(data.get("config", data))
-    nested = {"sampling": SamplingConfig, "detector": DetectorConfig, "align": AlignConfig}
-    for key, cls in nested.items():
+    nested = {"sampling": lambda d: SamplingConfig(**d), "detector": DetectorConfig.from_dict,  # also older forms
+              "align": lambda d: AlignConfig(**d)}
+    for key, build in nested.items():
         if isinstance(inner.get(key), dict):
-            inner[key] = cls(**inner[key])
+            inner[key] = build(inner[key])
     inner.update(overrides)
     names = {f.name for f in dataclasses.fields(PreprocessConfig)}
     return PreprocessConfig(**{k: v for k, v in inner.items() if k in names})

@@ -8,7 +8,11 @@ from __future__ import annotations
 import pyarrow as pa
 
 SPLITS = ("train", "dev", "test")
+# BDI-II totals (the label): 0..63, and the severity bands of Beck et al. 1996, each from its lowest
+# total: minimal 0-13, mild 14-19, moderate 20-28, severe 29-63. The one copy (hmhn.config.BDI_MIN /
+# BDI_MAX, scoring, plots and the demo data read these).
 LABEL_MIN, LABEL_MAX = 0, 63
+SEVERITY_BANDS = (("minimal", 0), ("mild", 14), ("moderate", 20), ("severe", 29))
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -21,13 +25,18 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
+# A video and its label: the first columns of the shard rows and of the commit log (pipeline.shardset).
+VIDEO_COLUMNS = [
+    ("video_id", pa.string()),
+    ("subject_id", pa.string()),
+    ("split", pa.string()),
+    ("task", pa.string()),
+    ("label", pa.float32()),
+]
+
 SHARD_SCHEMA = pa.schema(
     [
-        ("video_id", pa.string()),
-        ("subject_id", pa.string()),
-        ("split", pa.string()),
-        ("task", pa.string()),
-        ("label", pa.float32()),
+        *VIDEO_COLUMNS,
         ("frame_index", pa.int64()),
         ("timestamp_s", pa.float64()),
         ("det_score", pa.float32()),
@@ -40,27 +49,11 @@ SHARD_SCHEMA = pa.schema(
 
 STATUS_OK, STATUS_NO_FACE, STATUS_FAILED = "ok", "no_face", "failed"
 
-STATUS_SCHEMA = pa.schema(
-    [
-        ("video_id", pa.string()),
-        ("status", pa.string()),  # ok / no_face / failed
-        ("reason", pa.string()),  # empty when ok
-        ("frames_decoded", pa.int64()),
-        ("faces_kept", pa.int64()),
-        ("subject_id", pa.string()),
-        ("split", pa.string()),
-        ("label", pa.float32()),
-        ("seconds", pa.float64()),  # wall time spent on this video
-    ]
-)
-
 
 def severity_band(score: float) -> str:
-    """BDI-II severity band of a total score (Beck et al. 1996 cut-offs)."""
-    if score < 14:
-        return "minimal"
-    if score < 20:
-        return "mild"
-    if score < 29:
-        return "moderate"
-    return "severe"
+    """BDI-II severity band of a total score (SEVERITY_BANDS; a fractional score belongs to the band
+    its value falls in, e.g. 13.5 is minimal)."""
+    for (name, _), (_, next_lowest) in zip(SEVERITY_BANDS, SEVERITY_BANDS[1:]):
+        if score < next_lowest:
+            return name
+    return SEVERITY_BANDS[-1][0]

@@ -46,7 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.schema import LABEL_MAX, LABEL_MIN, SHARD_SCHEMA, SPLITS, STATUS_FAILED, STATUS_NO_FACE, STATUS_OK
+from pipeline.sampling import uniform_positions
+from pipeline.schema import (LABEL_MAX, LABEL_MIN, SHARD_SCHEMA, SPLITS, STATUS_FAILED, STATUS_NO_FACE, STATUS_OK,
+                             VIDEO_COLUMNS)
 from pipeline.storage import resolve_filesystem
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,7 @@ SHARDS_DIR, LOG_DIR = "shards", "log"
 
 # One row per committed video. `file` is relative to the shard set root; null unless status is ok.
 LOG_SCHEMA = pa.schema([
-    ("video_id", pa.string()),
-    ("subject_id", pa.string()),
-    ("split", pa.string()),
-    ("task", pa.string()),
-    ("label", pa.float32()),
+    *VIDEO_COLUMNS,
     ("status", pa.string()),            # ok / no_face / failed
     ("reason", pa.string()),
     ("frames_decoded", pa.int64()),
@@ -103,15 +101,6 @@ def strided_groups(n: int, row_group_rows: int) -> list[np.ndarray]:
     """Positions (0..n-1) of each row group of a video with n rows: group g = g, g+G, g+2G, ..."""
     groups = max(1, math.ceil(n / row_group_rows))
     return [np.arange(g, n, groups) for g in range(groups)]
-
-
-def uniform_positions(n: int, k: int, offset: float) -> np.ndarray:
-    """k positions in range(n), evenly spaced n/k apart starting at offset*n/k (offset in [0, 1)).
-
-    For n < k positions repeat, so every video still contributes k samples.
-    """
-    stride = n / k
-    return np.minimum((offset * stride + stride * np.arange(k)).astype(np.int64), n - 1)
 
 
 def groups_for_draw(n: int, groups: int, k: int, offset: float) -> list[int]:

@@ -1,4 +1,10 @@
-"""Where shards, checkpoints and MLflow artifacts may live when a job runs on a cluster.
+"""Storage locations: paths and URIs, where shards, checkpoints and MLflow artifacts may live on a
+cluster, and keeping credentials out of them.
+
+The one set of URI helpers (local path or ``scheme://``): ``is_remote_uri``, ``local_path``,
+``resolve_filesystem`` / ``file_info`` (pyarrow filesystem + path), ``uri_for`` (a filesystem path
+back as a URI), ``parent_uri`` / ``join_uri`` (relative manifest entries), ``write_bytes``, and
+``local_copy`` (a remote file staged on local disk for readers that need a path, e.g. the decoder).
 
 On one machine any folder works. On a cluster, Ray Data write tasks, Ray Train workers and
 MLflow's rank-0 process run on *other* nodes than the driver, so every location they read or
@@ -31,11 +37,16 @@ jobs keep working with the real URI.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import posixpath
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pyarrow.fs as pafs
 
@@ -267,7 +278,7 @@ def is_remote_uri(uri: str) -> bool:
     return scheme is not None and scheme not in _LOCAL_SCHEMES
 
 
-def _local_path(uri: str) -> str:
+def local_path(uri: str) -> str:
     """Absolute, normalised local path for a plain path or a ``file://`` URI."""
     text = str(uri)
     scheme = _scheme(text)
@@ -287,7 +298,7 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not str(uri):
         raise StorageError("empty storage location")
     if not is_remote_uri(uri):
-        return pafs.LocalFileSystem(), _local_path(uri)
+        return pafs.LocalFileSystem(), local_path(uri)
     try:
         fs, path = pafs.FileSystem.from_uri(str(uri))
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError / ValueError
@@ -295,6 +306,77 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         detail = re.sub(r"(://)[^/@\s]*@", r"\1***@", str(exc).replace(str(uri), redact_uri(uri)))
         raise StorageError(f"cannot open storage {redact_uri(uri)}: {detail}") from None
     return fs, path
+
+
+def file_info(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """(filesystem, path inside it, what is there) for `uri`; StorageError when the store cannot be reached."""
+    fs, path = resolve_filesystem(uri)
+    try:
+        return fs, path, fs.get_file_info(path)
+    except Exception as exc:  # pyarrow raises OSError / ArrowInvalid (no network, no permission, ...)
+        raise StorageError(f"cannot reach {redact_uri(uri)}: {redact_uri(exc)}") from exc
+
+
+def uri_for(like: str, fs_path: str) -> str:
+    """A path inside the filesystem of `like` (what resolve_filesystem / a listing gives) back as
+    something resolve_filesystem and the decoder open: the path itself locally, scheme://path remotely."""
+    return f"{_scheme(like)}://{fs_path}" if is_remote_uri(like) else fs_path
+
+
+def parent_uri(uri: str) -> str:
+    """The folder holding `uri`: scheme://bucket/a for scheme://bucket/a/b, an absolute path locally."""
+    return posixpath.dirname(str(uri).rstrip("/")) if _scheme(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+def join_uri(base: str, relative: str) -> str:
+    """`relative` (a manifest's uri column, say) under folder `base`; a URI or an absolute path stays as it is."""
+    if _scheme(relative) or os.path.isabs(relative):
+        return relative
+    if _scheme(base):
+        return posixpath.join(base, relative)
+    return os.path.normpath(os.path.join(base, relative))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write `data` to the file `uri` (local or remote), creating its folder."""
+    fs, path = resolve_filesystem(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, prefix: str = "staged_", default_suffix: str = "") -> Iterator[str]:
+    """A local path for `uri`: the file itself, or a temporary copy of a remote object (for readers
+    that need a path, e.g. decord), deleted when the context exits (also when the reader fails or a
+    generator using it is closed early).
+
+    FileNotFoundError (`filename` = uri) when nothing is there; StorageError when the store cannot be
+    reached or the copy fails.
+    """
+    uri = os.fspath(uri)
+    if not is_remote_uri(uri):
+        path = local_path(uri)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, "file not found", uri)
+        yield path
+        return
+    fs, remote_path, info = file_info(uri)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(errno.ENOENT, "file not found", uri)
+    fd, staged = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(remote_path)[1] or default_suffix)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out, fs.open_input_stream(remote_path) as src:
+                shutil.copyfileobj(src, out, length=8 << 20)
+        except Exception as exc:
+            raise StorageError(f"cannot copy {redact_uri(uri)} to local disk: {redact_uri(exc)}") from exc
+        yield staged
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(staged)
 
 
 def _unescape_mount(field: str) -> str:
@@ -342,7 +424,7 @@ def _is_network_fstype(fstype: str | None) -> bool:
 def configured_shared_prefixes() -> list[str]:
     """Absolute real paths listed in HMHN_SHARED_PATHS (empty entries ignored)."""
     raw = os.environ.get(SHARED_PATHS_ENV, "")
-    return [os.path.realpath(_local_path(p)) for p in raw.split(os.pathsep) if p.strip()]
+    return [os.path.realpath(local_path(p)) for p in raw.split(os.pathsep) if p.strip()]
 
 
 def is_shared_path(uri: str, mounts_file: str = "/proc/mounts") -> bool:
@@ -354,7 +436,7 @@ def is_shared_path(uri: str, mounts_file: str = "/proc/mounts") -> bool:
     """
     if is_remote_uri(uri):
         return True
-    path = os.path.realpath(_local_path(uri))
+    path = os.path.realpath(local_path(uri))
     if any(_is_under(path, prefix) for prefix in configured_shared_prefixes()):
         return True
     return _is_network_fstype(mount_fstype(path, mounts_file))
@@ -383,7 +465,7 @@ def require_shared_storage(uri: str, purpose: str, node_count: int | None = None
         node_count = _default_node_count()
     if node_count <= 1 or is_shared_path(uri):
         return
-    path = _local_path(uri)
+    path = local_path(uri)
     fstype = mount_fstype(os.path.realpath(path)) or "unknown"
     raise StorageError(
         f"{purpose} {path} is a node-local path but the cluster has {node_count} nodes: "

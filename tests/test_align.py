@@ -27,6 +27,15 @@ def _face(x1, y1, x2, y2, score=0.99) -> Face:
                 landmarks=(landmarks + [centre_x, centre_y]).astype(np.float32))
 
 
+def test_every_align_field_has_help():
+    """jobs/preprocess.py shows them as --align-<field> flags."""
+    import dataclasses
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(AlignConfig))
+    with pytest.raises(ValueError, match="face_selection"):
+        AlignConfig(face_selection="random")
+
+
 def test_template_margin():
     arcface_224 = template_points(AlignConfig(size=224, margin=0.0))
     np.testing.assert_allclose(arcface_224, ARCFACE_TEMPLATE_112 * 2)

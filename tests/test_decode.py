@@ -17,6 +17,7 @@ from pipeline import decode
 from pipeline.decode import (FrameChunk, SamplingConfig, VideoDecodeError, VideoInfo,
                              VideoNotFoundError, iter_frame_chunks, plan_frame_indices,
                              probe_video)
+from pipeline.sampling import uniform_positions
 from pipeline.video_io import write_audio_only
 from tests.conftest import moving_pattern_frames
 
@@ -151,12 +152,23 @@ def test_plan_frame_indices_policies():
     np.testing.assert_array_equal(plan(_info(25), SamplingConfig(mode="every_n", every_n=10)), [0, 10, 20])
     uniform = plan(_info(1000), SamplingConfig(mode="max_frames", max_frames=4))
     np.testing.assert_array_equal(uniform, [125, 375, 625, 875])
+    # max_frames is the one "k evenly spaced frames of n" rule that training's draw uses too
+    np.testing.assert_array_equal(uniform, uniform_positions(1000, 4, 0.5))
+    assert uniform_positions(100, 4, 0.0).tolist() == [0, 25, 50, 75]
+    assert uniform_positions(3, 7, 0.5).tolist() == [0, 0, 1, 1, 1, 2, 2]  # fewer frames than k: repeats
     np.testing.assert_array_equal(plan(_info(3), SamplingConfig(mode="max_frames", max_frames=64)), [0, 1, 2])
     for config in (SamplingConfig(), SamplingConfig(mode="every_n"), SamplingConfig(mode="max_frames")):
         one = plan(_info(1), config)
         assert one.dtype == np.int64 and one.tolist() == [0]
     thirty_minutes = plan(_info(30 * 60 * 30), SamplingConfig(fps=5))
     assert len(thirty_minutes) == 9000 and np.all(np.diff(thirty_minutes) == 6)
+
+
+def test_every_sampling_field_has_help():
+    """jobs/preprocess.py shows them as --sampling-<field> flags."""
+    import dataclasses
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(SamplingConfig))
 
 
 def test_sampling_config_rejects_nonsense():
@@ -200,12 +212,14 @@ def test_file_uri(clip):
 def test_remote_uri_is_copied_to_a_temp_file_and_removed(clip, tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
+    from pipeline import storage
+
     bucket = pafs.SubTreeFileSystem(str(clip.parent), pafs.LocalFileSystem())
-    monkeypatch.setattr(decode, "_filesystem_from_uri",
+    monkeypatch.setattr(storage, "resolve_filesystem",
                         lambda uri: (bucket, uri.split("://", 1)[1].split("/", 1)[1]))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(decode.tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(scratch))
 
     chunks = iter_frame_chunks("s3://bucket/clip.mp4", SamplingConfig(chunk_frames=4))
     first = next(chunks)

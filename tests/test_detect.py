@@ -11,15 +11,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import pipeline.detect as detect_module
-from pipeline.detect import (CPU_PROVIDER, CUDA_PROVIDER, DetectorConfig, Face, FaceDetector, GpuUnavailableError,
-                             MtcnnDetector, ScrfdDetector, make_detector, select_providers)
+import pipeline.onnx_sessions as sessions_module
+from pipeline.detect import (CPU_PROVIDER, CUDA_PROVIDER, DETECTORS, DetectorConfig, Face, FaceDetector,
+                             GpuUnavailableError, MtcnnDetector, MtcnnSettings, ScrfdDetector, ScrfdSettings,
+                             make_detector, select_providers)
 from tests.conftest import face_frames
 
 # Rough face boxes in t1.jpg (x1, y1, x2, y2), read off a visual check of the detections; used only
 # to assert that each of the six faces is found once (centre match), not for box precision.
 T1_FACE_CENTRES = [(960, 130), (111, 331), (518, 333), (319, 208), (795, 410), (1179, 336)]
 ASTRONAUT_FACE_CENTRE = (220, 118)
+
+
+def _scrfd(model_path: str | None = None, det_size: int = 640, **common) -> DetectorConfig:
+    return DetectorConfig(name="scrfd", scrfd=ScrfdSettings(model_path=model_path, det_size=det_size), **common)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,8 @@ def mtcnn() -> MtcnnDetector:
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    """pipeline.detect says each CPU-fallback warning once per process; every test starts afresh."""
-    monkeypatch.setattr(detect_module, "_warned", set())
+    """pipeline.onnx_sessions says each CPU-fallback warning once per process; every test starts afresh."""
+    monkeypatch.setattr(sessions_module, "_warned", set())
 
 
 def _assert_sane(faces: list[Face], threshold: float) -> None:
@@ -117,16 +122,20 @@ def test_detector_interface_batch_and_pickle(mtcnn, astronaut_rgb):
 def test_make_detector_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown face detector 'retinaface'"):
         make_detector(DetectorConfig(name="retinaface"))
-    with pytest.raises(ValueError, match="needs DetectorConfig\\(model_path"):
+    with pytest.raises(ValueError, match="scrfd needs a model \\(--detector-scrfd-model-path"):
         make_detector(DetectorConfig(name="scrfd"))
     with pytest.raises(ValueError, match="not found"):
-        make_detector(DetectorConfig(name="scrfd", model_path=str(tmp_path / "nope.onnx")))
+        make_detector(_scrfd(model_path=str(tmp_path / "nope.onnx")))
     with pytest.raises(ValueError, match="no det_\\*.onnx"):
-        make_detector(DetectorConfig(name="scrfd", model_path=str(tmp_path)))
+        make_detector(_scrfd(model_path=str(tmp_path)))
     with pytest.raises(ValueError, match="mtcnn model file"):
-        make_detector(DetectorConfig(name="mtcnn", model_path=str(tmp_path)))
+        make_detector(DetectorConfig(name="mtcnn", mtcnn=MtcnnSettings(model_path=str(tmp_path))))
     with pytest.raises(ValueError, match="min_face_size"):
-        DetectorConfig(min_face_size=5)
+        MtcnnSettings(min_face_size=5)
+    with pytest.raises(ValueError, match="det_size"):
+        ScrfdSettings(det_size=100)
+    with pytest.raises(ValueError, match="must be a ScrfdSettings"):
+        DetectorConfig(scrfd={"det_size": 640})
 
 
 needs_cpu_only_onnxruntime = pytest.mark.skipif(
@@ -135,12 +144,12 @@ needs_cpu_only_onnxruntime = pytest.mark.skipif(
 
 @needs_cpu_only_onnxruntime
 def test_select_providers_on_cpu_machine(caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.onnx_sessions"):
         assert select_providers(False) == [CPU_PROVIDER]
     assert not caplog.records
     with pytest.raises(GpuUnavailableError, match="offers no CUDAExecutionProvider"):
         select_providers(True)
-    with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.onnx_sessions"):
         assert select_providers(True, allow_cpu_fallback=True) == [CPU_PROVIDER]
     assert any("use_gpu=True" in r.getMessage() and "will run on CPU" in r.getMessage() for r in caplog.records)
 
@@ -153,7 +162,8 @@ def test_gpu_request_without_cuda_provider_is_refused(tmp_path, name):
         model_path = str(tmp_path / "det_stub.onnx")
         _write_scrfd_onnx(model_path, 128, _scrfd_outputs(128, _known_faces()))
     with pytest.raises(GpuUnavailableError) as error:
-        make_detector(DetectorConfig(name=name, model_path=model_path, det_size=128, use_gpu=True))
+        make_detector(DetectorConfig(name=name, scrfd=ScrfdSettings(model_path=model_path, det_size=128),
+                                     use_gpu=True))
     message = str(error.value)
     assert isinstance(error.value, RuntimeError)
     for needed in ("CUDAExecutionProvider", "make gpu-install", "onnxruntime-gpu", "--detector-allow-cpu-fallback"):
@@ -162,7 +172,7 @@ def test_gpu_request_without_cuda_provider_is_refused(tmp_path, name):
 
 @needs_cpu_only_onnxruntime
 def test_gpu_request_with_cpu_fallback_allowed_warns_and_runs_on_cpu(caplog, astronaut_rgb):
-    with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.onnx_sessions"):
         detector = make_detector(DetectorConfig(use_gpu=True, allow_cpu_fallback=True))
     assert detector.providers() == [CPU_PROVIDER]
     assert any(r.levelno == logging.WARNING and "will run on CPU" in r.getMessage() for r in caplog.records)
@@ -178,10 +188,10 @@ def test_session_that_silently_falls_back_to_cpu_is_refused(monkeypatch, caplog)
     after trying to preload the CUDA libraries. Simulated on the CPU package: the provider list is made
     to claim CUDA, and the real InferenceSession then drops the provider it cannot load."""
     calls = []
-    monkeypatch.setattr(detect_module.ort, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
-    monkeypatch.setattr(detect_module.ort, "preload_dlls", lambda: (calls.append(1), print("Failed to load libcudnn.so.9"))[0],
+    monkeypatch.setattr(sessions_module.ort, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
+    monkeypatch.setattr(sessions_module.ort, "preload_dlls", lambda: (calls.append(1), print("Failed to load libcudnn.so.9"))[0],
                         raising=False)
-    monkeypatch.setattr(detect_module, "_preload_report", None)
+    monkeypatch.setattr(sessions_module, "_preload_report", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # onnxruntime: "Specified provider ... is not in available"
         with pytest.raises(GpuUnavailableError, match="FELL BACK TO CPU") as error:
@@ -189,7 +199,7 @@ def test_session_that_silently_falls_back_to_cpu_is_refused(monkeypatch, caplog)
         assert calls == [1], "preload_dlls must run before the CUDA session is created"
         assert "Failed to load libcudnn.so.9" in str(error.value)  # what preload_dlls printed is in the error
         assert "make gpu-install" in str(error.value)
-        with caplog.at_level(logging.WARNING, logger="pipeline.detect"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.onnx_sessions"):
             detector = make_detector(DetectorConfig(use_gpu=True, allow_cpu_fallback=True))
     assert detector.providers() == [CPU_PROVIDER]
     assert calls == [1], "preloading happens once per process"
@@ -197,8 +207,8 @@ def test_session_that_silently_falls_back_to_cpu_is_refused(monkeypatch, caplog)
 
 
 def test_runtime_fields_and_cli_help():
-    """RUNTIME_FIELDS name real fields that only choose the device / speed, and every field has help text
-    (jobs/preprocess.py exposes them as --detector-<name> flags)."""
+    """RUNTIME_FIELDS name real fields that only choose the device / speed, and every field has help text,
+    the detectors' own settings too (jobs/preprocess.py exposes them as --detector-<name>[-<detector>]-<field>)."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(DetectorConfig)}
@@ -206,8 +216,41 @@ def test_runtime_fields_and_cli_help():
     assert set(DetectorConfig.RUNTIME_FIELDS) == {"use_gpu", "allow_cpu_fallback", "intra_op_threads", "batch_frames"}
     assert "RUNTIME_FIELDS" not in names  # a ClassVar, not a field: not in configs, hashes, or argv
     assert all(f.metadata.get("help") for f in dataclasses.fields(DetectorConfig))
+    for settings in (MtcnnSettings, ScrfdSettings):
+        assert all(f.metadata.get("help") for f in dataclasses.fields(settings)), settings
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            settings().model_path = "x"  # type: ignore[misc]
     with pytest.raises(ValueError, match="batch_frames"):
         DetectorConfig(batch_frames=-1)
+
+
+def test_the_registry_is_detector_config_s_detector_fields():
+    """One line per detector: the DetectorConfig field names it, holds its settings and names its class."""
+    import dataclasses
+
+    assert DETECTORS == {"mtcnn": MtcnnDetector, "scrfd": ScrfdDetector}
+    fields = {f.name: f for f in dataclasses.fields(DetectorConfig)}
+    assert tuple(fields["name"].metadata["choices"]) == ("mtcnn", "scrfd")  # --detector-name's choices
+    assert fields["scrfd"].metadata["detector"] is ScrfdDetector
+    config = DetectorConfig(name="scrfd", scrfd=ScrfdSettings(det_size=320))
+    assert config.settings == ScrfdSettings(det_size=320) and config.mtcnn == MtcnnSettings()
+
+
+def test_configs_stored_before_the_detectors_had_their_own_settings_still_load():
+    """config.json of older shard sets and older registered models hold one flat DetectorConfig."""
+    import dataclasses
+
+    flat = {"name": "scrfd", "model_path": "/models/buffalo_l", "det_size": 320, "min_face_size": 20,
+            "score_threshold": 0.5, "max_image_side": 640, "use_gpu": True, "nms_threshold": 0.3,
+            "intra_op_threads": 1, "allow_cpu_fallback": False, "batch_frames": 0}
+    config = DetectorConfig.from_dict(flat)
+    assert config == DetectorConfig(name="scrfd", score_threshold=0.5, use_gpu=True, mtcnn=MtcnnSettings(min_face_size=20),
+                                    scrfd=ScrfdSettings(model_path="/models/buffalo_l", det_size=320, nms_threshold=0.3))
+    assert DetectorConfig.from_dict(dataclasses.asdict(config)) == config  # today's nested form
+    # model_path belonged to the chosen detector
+    assert DetectorConfig.from_dict({"name": "mtcnn", "model_path": "/w"}).mtcnn.model_path == "/w"
+    # what the content hash sees is the flat dict of old (without the runtime fields)
+    assert config.content() == {k: v for k, v in flat.items() if k not in DetectorConfig.RUNTIME_FIELDS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +352,7 @@ def test_scrfd_decodes_known_faces(tmp_path, batched):
     pack.mkdir()
     _write_scrfd_onnx(pack / "det_stub.onnx", det_size, _scrfd_outputs(det_size, _known_faces()), batched)
 
-    detector = make_detector(DetectorConfig(name="scrfd", model_path=str(pack), det_size=det_size,
+    detector = make_detector(_scrfd(model_path=str(pack), det_size=det_size,
                                             score_threshold=0.5))
     assert isinstance(detector, ScrfdDetector) and detector.providers() == [CPU_PROVIDER]
     # A 256x192 frame is letterboxed into 128x128 at scale 0.5, so frame coords = input coords * 2.
@@ -321,7 +364,7 @@ def test_scrfd_decodes_known_faces(tmp_path, batched):
         np.testing.assert_allclose(face.landmarks, np.array(expected["landmarks"]) * 2, atol=1e-3)
 
     # score_threshold drops the smaller face
-    strict = make_detector(DetectorConfig(name="scrfd", model_path=str(pack / "det_stub.onnx"),
+    strict = make_detector(_scrfd(model_path=str(pack / "det_stub.onnx"),
                                           det_size=det_size, score_threshold=0.95))
     assert len(strict.detect(np.zeros((192, 256, 3), np.uint8))) == 1
 
@@ -331,18 +374,18 @@ def test_scrfd_large_frame_and_size_errors(tmp_path):
     path = tmp_path / "det_stub.onnx"
     _write_scrfd_onnx(path, det_size, _scrfd_outputs(det_size, _known_faces()))
     # 1280x960 frame: max_image_side 640 halves it, the letterbox halves again -> factor 10 overall.
-    detector = make_detector(DetectorConfig(name="scrfd", model_path=str(path), det_size=det_size,
+    detector = make_detector(_scrfd(model_path=str(path), det_size=det_size,
                                             score_threshold=0.5, max_image_side=640))
     faces = detector.detect(np.zeros((960, 1280, 3), np.uint8))
     np.testing.assert_allclose(faces[0].bbox, np.array(_known_faces()[0]["box"]) * 10, atol=1e-2)
 
     with pytest.raises(ValueError, match="fixed input size"):
-        make_detector(DetectorConfig(name="scrfd", model_path=str(path), det_size=640))
+        make_detector(_scrfd(model_path=str(path), det_size=640))
 
     no_kps = tmp_path / "det_nokps.onnx"
     _write_scrfd_onnx(no_kps, det_size, _scrfd_outputs(det_size, [])[:6])
     with pytest.raises(ValueError, match="without landmark"):
-        make_detector(DetectorConfig(name="scrfd", model_path=str(no_kps), det_size=det_size))
+        make_detector(_scrfd(model_path=str(no_kps), det_size=det_size))
 
 
 def _write_scrfd_onnx_gated(path, det_size: int, outputs: list[np.ndarray], batch_axis: bool = True) -> None:
@@ -404,7 +447,7 @@ def test_scrfd_batch_equals_per_frame(tmp_path, t1_rgb, astronaut_rgb, batch_axi
     det_size = 128
     path = tmp_path / "det_gated.onnx"
     _write_scrfd_onnx_gated(path, det_size, _scrfd_outputs(det_size, _known_faces()), batch_axis)
-    detector = make_detector(DetectorConfig(name="scrfd", model_path=str(path), det_size=det_size,
+    detector = make_detector(_scrfd(model_path=str(path), det_size=det_size,
                                             score_threshold=0.5, batch_frames=4))
     # Batched only with a batch axis; model-pack layouts (batch 1, 2-D outputs) run frame by frame.
     assert detector.batched is batch_axis and detector.batch_frames == (4 if batch_axis else 1)
@@ -426,9 +469,9 @@ def test_scrfd_matches_insightface_scrfd_on_our_session(tmp_path, t1_rgb, astron
     det_size = 128
     path = tmp_path / "det_gated.onnx"
     _write_scrfd_onnx_gated(path, det_size, _scrfd_outputs(det_size, _known_faces()), batch_axis=False)
-    ours = make_detector(DetectorConfig(name="scrfd", model_path=str(path), det_size=det_size, score_threshold=0.5))
+    ours = make_detector(_scrfd(model_path=str(path), det_size=det_size, score_threshold=0.5))
     theirs = SCRFD(session=ours._session)  # shares our session: no model file, so no session of its own
-    theirs.prepare(0, det_thresh=0.5, nms_thresh=ours.config.nms_threshold, input_size=(det_size, det_size))
+    theirs.prepare(0, det_thresh=0.5, nms_thresh=ours.settings.nms_threshold, input_size=(det_size, det_size))
     found = 0
     for frame in _gated_frames(t1_rgb, astronaut_rgb):
         faces = ours.detect(frame)

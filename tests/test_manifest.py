@@ -260,3 +260,18 @@ def test_format_manifest_report_truncates_long_lists():
 
 
 SPLITS_CYCLE = ("train", "dev", "test")
+
+
+def test_uri_helpers_the_adapters_use():
+    """pipeline.storage's URI helpers (the one copy): a listing's paths back as URIs, manifest entries
+    relative to the manifest's folder, locally and on a remote store."""
+    from pipeline.storage import join_uri, parent_uri, uri_for
+
+    assert uri_for("s3://bucket/avec?region=x", "bucket/avec/a.mp4") == "s3://bucket/avec/a.mp4"
+    assert uri_for("/data/avec", "/data/avec/a.mp4") == uri_for("file:///data/avec", "/data/avec/a.mp4") == "/data/avec/a.mp4"
+    assert parent_uri("s3://bucket/m/manifest.csv") == "s3://bucket/m"
+    assert parent_uri("/data/m/manifest.csv") == "/data/m"
+    assert join_uri("s3://bucket/m", "videos/a.mp4") == "s3://bucket/m/videos/a.mp4"
+    assert join_uri("/data/m", "../videos/a.mp4") == "/data/videos/a.mp4"
+    assert join_uri("file:///data/m", "a.mp4") == "file:///data/m/a.mp4"
+    assert join_uri("/data/m", "gs://b/a.mp4") == "gs://b/a.mp4" and join_uri("s3://b", "/abs/a.mp4") == "/abs/a.mp4"

@@ -89,6 +89,25 @@ def _rows(items: dict[str, Path], split: str = "train") -> list[dict]:
             for i, (vid, p) in enumerate(items.items())]
 
 
+def test_preprocess_version_is_the_same_for_the_same_settings():
+    """The shard set's content hash of the default configuration, and of an SCRFD one, as they were before
+    each face detector had its own settings: the same settings keep their shard sets and models valid.
+    Options that do not change the shards (where they go, devices, speed) stay out of the hash."""
+    from pipeline.detect import DetectorConfig, MtcnnSettings, ScrfdSettings
+
+    assert preprocess_version(PreprocessConfig(input="x")) == "527b8bdbfb"
+    scrfd = DetectorConfig(name="scrfd", score_threshold=0.5,
+                           scrfd=ScrfdSettings(model_path="/models/buffalo_l", det_size=320, nms_threshold=0.3))
+    assert preprocess_version(PreprocessConfig(input="x", detector=scrfd)) == "4a1fd4d06f"
+    same = DetectorConfig(name="scrfd", score_threshold=0.5, use_gpu=True, batch_frames=8, intra_op_threads=0,
+                          scrfd=ScrfdSettings(model_path="/models/buffalo_l", det_size=320, nms_threshold=0.3),
+                          mtcnn=MtcnnSettings(model_path="/elsewhere"))  # not the chosen detector's
+    assert preprocess_version(PreprocessConfig(input="y", output="z", detector=same, num_detect_actors=3,
+                                               sampling=SamplingConfig(backend="pyav", chunk_frames=8))) == "4a1fd4d06f"
+    assert preprocess_version(PreprocessConfig(input="x", detector=DetectorConfig(
+        mtcnn=MtcnnSettings(min_face_size=20)))) != "527b8bdbfb"
+
+
 def test_good_videos_become_readable_shards(ray_session, videos, tmp_path):
     root, good, _ = videos
     manifest = _write_manifest(tmp_path / "m.csv", _rows(good))

@@ -131,6 +131,46 @@ def test_model_whose_preprocessing_cannot_be_reproduced_is_refused(mlflow_store,
     assert not (tmp_path / "s.csv").exists()
 
 
+# The config.json of a shard set written before each face detector had its own settings (one flat
+# DetectorConfig), for the config training_preprocess_doc() describes, and its preprocess_version.
+STORED_BEFORE_DETECTOR_SETTINGS = {
+    "preprocess_version": "924a84a4fc",
+    "config": {"dataset": "csv", "input": "training-manifest.csv", "output": "faces", "labels": "", "split_policy": "",
+               "split_seed": 0, "jpeg_quality": 92, "num_detect_actors": 0, "max_detect_actors": 0,
+               "video_timeout_s": 3600.0, "resource_wait_s": 600.0, "gpu_per_actor": 0.25, "limit": 0,
+               "progress_every_s": 10.0, "target_file_mb": 256.0, "row_group_rows": 32, "videos_per_task": 0,
+               "commit_every": 500, "commit_interval_s": 30.0, "lock_stale_s": 600.0, "force_unlock": False,
+               "sampling": {"mode": "fps", "fps": 5.0, "every_n": 10, "max_frames": 64, "chunk_frames": 32,
+                            "backend": "auto", "max_pixels": 8294400},
+               "detector": {"name": "mtcnn", "model_path": None, "det_size": 640, "min_face_size": 40,
+                            "score_threshold": 0.9, "max_image_side": 640, "use_gpu": False, "nms_threshold": 0.4,
+                            "intra_op_threads": 1, "allow_cpu_fallback": False, "batch_frames": 0},
+               "align": {"size": INPUT_SIZE, "margin": 0.3, "face_selection": "largest"}}}
+
+
+def test_models_stored_before_the_detectors_had_their_own_settings_still_score(tmp_path):
+    """A registered model keeps the preprocessing config of its time: flat detector keys still load, and
+    give the same preprocess_version (so scoring reproduces the preprocessing instead of refusing)."""
+    import copy
+
+    from hmhn.scoring import ScoringError, model_preprocessing
+    from pipeline.detect import DetectorConfig
+
+    old = copy.deepcopy(STORED_BEFORE_DETECTOR_SETTINGS)
+    preprocess = model_preprocessing(old, "csv", "new-videos.csv", str(tmp_path))
+    assert preprocess.detector == DetectorConfig() and preprocess.align.size == INPUT_SIZE
+    assert training_preprocess_doc()["preprocess_version"] == old["preprocess_version"]  # today's form, same hash
+
+    scrfd = copy.deepcopy(old)
+    scrfd["config"]["detector"].update(name="scrfd", model_path="/models/buffalo_l", det_size=320)
+    with pytest.raises(ScoringError, match="cannot be reproduced"):  # the version belongs to the MTCNN config
+        model_preprocessing(scrfd, "csv", "new-videos.csv", str(tmp_path))
+    scrfd["preprocess_version"] = ""  # no version stored: nothing to compare, the settings still land right
+    detector = model_preprocessing(scrfd, "csv", "new-videos.csv", str(tmp_path)).detector
+    assert (detector.scrfd.model_path, detector.scrfd.det_size, detector.mtcnn.model_path) == ("/models/buffalo_l", 320,
+                                                                                                None)
+
+
 def test_config_and_input_errors_are_clear(tmp_path):
     from hmhn.scoring import ScoringConfig, ScoringError, build_manifest
 
