@@ -102,6 +102,8 @@ def quiet_console() -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data warns once per process that the bars are off: we turned them off, on purpose.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # if MLflow was imported before init_ray
 
 
