@@ -36,6 +36,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from pipeline.schema import LABEL_MAX, LABEL_MIN
 from pipeline.storage import check_no_credentials, redact, redact_uri
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,8 @@ def scatter_figure(rows: list[dict[str, Any]], title: str):
         if pts:
             xs, ys = zip(*pts)
             ax.scatter(xs, ys, s=18, c=colour, label=f"{split} ({len(pts)} videos)", alpha=0.8)
-    ax.plot([0, 63], [0, 63], "k--", lw=0.8)
-    ax.set(xlim=(0, 63), ylim=(0, 63), xlabel="true BDI-II", ylabel="predicted BDI-II (mean over frames)",
+    ax.plot([LABEL_MIN, LABEL_MAX], [LABEL_MIN, LABEL_MAX], "k--", lw=0.8)
+    ax.set(xlim=(LABEL_MIN, LABEL_MAX), ylim=(LABEL_MIN, LABEL_MAX), xlabel="true BDI-II", ylabel="predicted BDI-II (mean over frames)",
            title=title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
