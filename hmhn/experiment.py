@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 from hmhn.config import HMHNConfig
 from hmhn.losses import LossConfig
-from hmhn.train import TrainConfig
+from hmhn.train_config import TrainConfig
 
 EXPERIMENT_TAG = "hmhn.experiment"        # parent: the experiment name; children: too
 ROLE_TAG = "hmhn.role"                    # "experiment" (parent) | "trial" (child)
@@ -152,7 +152,6 @@ class ExperimentConfig:
     trial_retries: int = 1                           # a failed trial is retried this often, then reported
     register_best: bool = True                       # register the best trial's model as @candidate
     refit_on_dev: bool = False                       # see refit_dataset / docs/EXPERIMENTS.md
-    fail_trials: tuple[str, ...] = ()                # test hook: these "variant/seed" trials raise
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", self.name):
@@ -319,8 +318,6 @@ def _trial(params: dict[str, Any], spec: dict[str, Any]) -> None:
         tune.report({**_child_metrics(child), "run_id": run_id, "reused": 1,
                      "checkpoint_path": child.data.tags.get("hmhn.checkpoint_path", "")})
         return
-    if f"{variant}/{seed}" in spec.get("fail_trials", ()):
-        raise RuntimeError(f"test hook: trial {variant}/{seed} fails")
     config = apply_overrides(TrainConfig.from_dict(spec["base"]), params["overrides"], seed=seed,
                              run_name=trial_run_name(name, variant, seed), register=False, promote=False,
                              storage_path=spec["train_storage"])
@@ -572,8 +569,7 @@ def run_experiment(config: ExperimentConfig, log=print) -> ExperimentResult:
 
     spec = {"name": config.name, "experiment": base.experiment, "tracking_uri": uri, "parent_id": parent_id,
             "preprocess_version": index.preprocess_version, "base": base.to_dict(), "train_storage": train_storage,
-            "refit_storage": f"{root}/{config.name}/refit", "refit_on_dev": config.refit_on_dev,
-            "fail_trials": list(config.fail_trials)}
+            "refit_storage": f"{root}/{config.name}/refit", "refit_on_dev": config.refit_on_dev}
     trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec), {"CPU": config.trial_cpus})
     concurrency = config.max_concurrent_trials or plan_trial_concurrency(alive_nodes(), config.base.workers,
                                                                          config.base.gpu, config.base.cpus_per_worker)
@@ -630,7 +626,7 @@ def run_experiment(config: ExperimentConfig, log=print) -> ExperimentResult:
 def register_best_trial(uri: str, base: TrainConfig, run_id: str, index) -> str:
     """Log + register the best trial's model in its own (child) run as @candidate; returns models:/NAME/VERSION."""
     from hmhn import tracking
-    from hmhn.train import model_from_checkpoint
+    from hmhn.train_checkpoint import model_from_checkpoint
 
     run = _client(uri).get_run(run_id)
     path = run.data.tags.get("hmhn.checkpoint_path")

@@ -1,17 +1,26 @@
-"""Learning-rate schedules chosen by name (`--schedule`), with a linear warmup around each.
+"""The optimiser of a training run and its learning-rate schedules, chosen by name (`--schedule`),
+with a linear warmup around each.
+
+`make_optimizer(model, config)` is what the worker loop (hmhn.train_loop) and jobs/bench_train.py
+use: AdamW with the trunk at `lr` and the new blocks at `head_lr` (MODEL.md section 5), plus the
+schedule of `config.schedule`.
 
 A schedule is a function (epoch, ScheduleParams) -> factor of the base learning rates, epoch
 counting from 0 after warmup; `make_scheduler` wraps it in a torch LambdaLR that is stepped once
-per epoch (hmhn.train). The function is rebuilt from the run's config on resume, so a checkpoint
-holds only the epoch counter. To add a schedule, write its function and add one line to SCHEDULES.
+per epoch. The function is rebuilt from the run's config on resume, so a checkpoint holds only the
+epoch counter. To add a schedule, write its function and add one line to SCHEDULES.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:  # hmhn.train_config imports SCHEDULE_NAMES from here
+    from hmhn.model import HMHN
+    from hmhn.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -63,3 +72,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, params: Schedule
     """A LambdaLR over every parameter group (their base rates keep their ratio)."""
     lr_factor(name, 0, params)  # validates the name before the optimiser is touched
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(name, epoch, params))
+
+
+def make_optimizer(model: "HMHN", config: "TrainConfig"):
+    """(AdamW with the trunk at lr and the new blocks at head_lr, its schedule), stepped once per epoch."""
+    trunk = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.AdamW([{"params": trunk, "lr": config.lr}, {"params": rest, "lr": config.head_lr}],
+                                  weight_decay=config.weight_decay)
+    schedule = ScheduleParams(epochs=config.epochs, warmup_epochs=config.warmup_epochs, decay=config.lr_decay,
+                              step_epochs=config.lr_step_epochs, min_factor=config.lr_min_factor)
+    return optimizer, make_scheduler(optimizer, config.schedule, schedule)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hmhn import HMHN, HMHNConfig
-from hmhn.schedules import SCHEDULE_NAMES, ScheduleParams, lr_factor
-from hmhn.train import TrainConfig, make_optimizer
+from hmhn.schedules import SCHEDULE_NAMES, ScheduleParams, lr_factor, make_optimizer
+from hmhn.train_config import TrainConfig
 
 
 def _rates(config: TrainConfig, epochs: int) -> list[list[float]]:

@@ -1,12 +1,14 @@
 """Distributed training end to end: real local Ray (the session's 2-CPU instance), real MLflow.
 
-Training runs are expensive on 2 cores (~1 min each), so one module-scoped fixture trains the
+Training runs are expensive on 2 cores (~30 s each), so one module-scoped fixture trains the
 run that most assertions share:
-  call A: run "shared", 1 epoch (2 workers);
-  call B: same run name, --epochs 3, with rank 1 killed once at epoch 3 -> resumes after epoch 1,
-          trains epoch 2, loses a worker in epoch 3, restarts from the epoch-2 checkpoint, finishes.
+  call A: `jobs/train_ddp.py --run-name shared --epochs 2` (2 workers) in another process with its
+          own Ray, SIGKILLed - the driver and that Ray - as soon as an epoch is in MLflow;
+  call B: same run name, --epochs 3, here, with rank 1 killed once at the start of epoch 3
+          (tests/train_faults.py) -> resumes after A's last committed epoch (1, rarely 2), loses a
+          worker in epoch 3, restarts from the epoch-2 checkpoint, finishes and registers.
 The alias logic is tested on the registry directly with fake versions; the MLflow-server test
-trains one more tiny 1-worker run.
+trains one more tiny 1-worker run, whose loss turns NaN at epoch 2.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +26,12 @@ import torch
 from hmhn import HMHN, HMHNConfig, video_metrics
 from hmhn.data import (ShardSetError, check_trainable, open_shardset, sample_train_frames, uniform_positions,
                        write_synthetic_shardset)
-from hmhn.train import (KILL_ENV, KILL_MARKER_ENV, NAN_ENV, TrainConfig, evaluate_split, model_from_checkpoint,
-                        run_training)
+from hmhn.evaluation import evaluate_split
+from hmhn.train import TrainConfig, run_training
+from hmhn.train_checkpoint import model_from_checkpoint
 from tests.conftest import mlflow_store_in, running_mlflow_server
+from tests.interrupt import kill_when, start_driver
+from tests.train_faults import Faults, inject
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # crops and model input: HMHN needs a multiple of its 4x4 grid, >= 32
@@ -55,17 +61,44 @@ def module_mlflow(tmp_path_factory):
         yield uri
 
 
+def _logged_epochs(uri: str, run_name: str, key: str = "dev_rmse") -> list[int]:
+    """The steps of `key` in the MLflow run of a training run name (every run with that name)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("hmhn")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`hmhn.run_name` = '{run_name}'")
+    return sorted(m.step for run in runs for m in client.get_metric_history(run.info.run_id, key))
+
+
+def _train_then_kill_the_driver(data: str, storage: Path, uri: str) -> list[int]:
+    """Call A: the job in another process with its own Ray, SIGKILLed (driver and Ray) once an epoch
+    is in MLflow; the epochs logged by then."""
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # the store's schema exists before two processes open it
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    driver = start_driver([sys.executable, str(REPO / "jobs" / "train_ddp.py"), "--data", data, "--run-name", "shared",
+                           "--epochs", "2", "--workers", "2", "--batch-size", "8", "--frames-per-video", "4",
+                           "--eval-batch-size", "16", "--lr", "3e-4", "--head-lr", "1e-3", "--max-failures", "2",
+                           "--model-name", "hmhn-test", "--input-size", str(SIZE), "--num-heads", "2",
+                           "--storage-path", str(storage)], folder / "killed-driver.log", cwd=folder)
+    # Polled often: the sooner after the log, the likelier the kill lands before Ray Train's commit.
+    return kill_when(driver, lambda: _logged_epochs(uri, "shared"), folder / "killed-driver.log", every=0.3)
+
+
 @pytest.fixture(scope="module")
 def trained(ray_session, shard_root, module_mlflow, tmp_path_factory):
     storage = tmp_path_factory.mktemp("ray_results")
     marker = storage / "killed-once"
-    # Call A registers nothing (saves an export); registration is checked on call B.
-    first = run_training(tiny_config(shard_root, run_name="shared", storage_path=str(storage), register=False))
+    logged_before_kill = _train_then_kill_the_driver(shard_root, storage, module_mlflow)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KILL_ENV, "3")
-        mp.setenv(KILL_MARKER_ENV, str(marker))
+        inject(mp, Faults(kill_rank1_at_epoch=3, kill_marker=str(marker)))
         second = run_training(tiny_config(shard_root, run_name="shared", storage_path=str(storage), epochs=3))
-    return {"first": first, "second": second, "marker": marker, "uri": module_mlflow, "data": shard_root}
+    return {"logged_before_kill": logged_before_kill, "second": second, "marker": marker, "uri": module_mlflow,
+            "data": shard_root}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +156,7 @@ def test_cli_reports_missing_shards(tmp_path, monkeypatch):
 
 
 def test_attention_maps_only_rendered_when_asked(shard_root):
-    from hmhn.train import _log_attention_maps
+    from hmhn.evaluation import log_attention_maps
 
     class Recorder:
         def __init__(self):
@@ -135,7 +168,7 @@ def test_attention_maps_only_rendered_when_asked(shard_root):
     config = tiny_config(shard_root, log_attention_maps=True, attention_frames=2)
     recorder = Recorder()
     model = HMHN(dataclasses.replace(config.model)).eval()
-    _log_attention_maps(recorder, model, open_shardset(shard_root), config, "cpu")
+    log_attention_maps(recorder, model, open_shardset(shard_root), config, "cpu")
     (figure, name), = recorder.figures
     assert name == "evaluation/attention_maps.png" and len(figure.axes) == 2 * (1 + config.model.num_heads)
     with pytest.raises(ValueError, match="run_name"):
@@ -197,23 +230,22 @@ def test_alias_champion_moves_only_on_improvement(mlflow_store):
 # One shared distributed run
 
 
-def test_resume_continues_and_worker_failure_restarts_from_checkpoint(trained):
+def test_killed_driver_rerun_and_lost_worker_resume_from_checkpoints_logging_each_epoch_once(trained):
     from mlflow import MlflowClient
 
-    first, second = trained["first"], trained["second"]
-    assert first.epochs_run == [1]
-    assert second.run_id == first.run_id                       # same MLflow run across reruns and restarts
+    second = trained["second"]
+    assert trained["logged_before_kill"] in ([1], [1, 2])       # call A died mid-run, before its end
     assert trained["marker"].exists()                          # rank 1 really died once
-    # The worker group that finished was restarted from the epoch-2 checkpoint of the same call.
+    # Call B continued A's run; its last worker group was restarted from the epoch-2 checkpoint.
     assert second.epochs_run == [3] and second.history[0]["start_epoch"] == 2
     client = MlflowClient(trained["uri"])
-    steps = [m.step for m in client.get_metric_history(second.run_id, "train_loss")]
-    assert sorted(steps) == [1, 2, 3]                          # every epoch trained and logged exactly once
     run = client.get_run(second.run_id)
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # one MLflow run across the kill and the rerun
+    for key in ("train_loss", "dev_rmse", "lr", "epoch_seconds"):  # every epoch trained and logged exactly once
+        assert _logged_epochs(trained["uri"], "shared", key) == [1, 2, 3], key
     assert run.info.status == "FINISHED"
-    assert run.data.params["epochs"] == "1" and run.data.tags["changed.epochs"] == "3"
-    assert len(client.search_runs([run.info.experiment_id])) == 1
-    # Call A registered nothing; call B (resumed, with a worker restart inside it) registered once.
+    assert run.data.params["epochs"] == "2" and run.data.tags["changed.epochs"] == "3"
+    # The killed call registered nothing; call B (resumed, with a worker restart inside it) registered once.
     versions = client.search_model_versions("name='hmhn-test'")
     assert [(str(v.version), v.run_id) for v in versions] == [(second.model_version, second.run_id)]
 
@@ -329,7 +361,7 @@ def test_mlflow_run_contents(trained):
 
 
 # ----------------------------------------------------------------------------------------------
-# A real MLflow server
+# A real MLflow server; a run that diverges ends cleanly
 
 
 @pytest.fixture
@@ -338,14 +370,26 @@ def mlflow_server(tmp_path):
         yield url
 
 
-def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, tmp_path, monkeypatch):
+def test_a_diverging_run_against_an_mlflow_server_registers_its_last_good_epoch(ray_session, shard_root, mlflow_server,
+                                                                              tmp_path, monkeypatch):
+    """One 1-worker run for two stories (a training run costs ~30 s here): a real `mlflow server`,
+    and a loss that turns NaN at epoch 2 (tests/train_faults.py): the run stops cleanly there, and
+    --promote registers and promotes the last good epoch's model."""
     import mlflow
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    result = run_training(tiny_config(shard_root, run_name="server-run", workers=1, mlflow_uri=mlflow_server,
+    inject(monkeypatch, Faults(nan_at_epoch=2))
+    result = run_training(tiny_config(shard_root, run_name="server-run", workers=1, epochs=3, mlflow_uri=mlflow_server,
                                       storage_path=str(tmp_path / "ray_results"), promote=True))  # --promote
+    assert result.diverged_at_epoch == 2 and result.epochs_run == [1]
+    assert result.best_epoch == 1 and math.isfinite(result.best_dev_rmse)
+    state = model_from_checkpoint(result.checkpoint_path)[1]
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
+                                       if v.is_floating_point())
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["diverged_at_epoch"] == "2"
     _assert_run_logged(client, result.run_id, n_videos=10, world_size=1)
     assert result.champion_moved and result.model_uri == "models:/hmhn-test/1"
     mlflow.set_tracking_uri(mlflow_server)
@@ -362,7 +406,7 @@ def test_training_against_mlflow_server(ray_session, shard_root, mlflow_server, 
 
 
 # ----------------------------------------------------------------------------------------------
-# AVEC scoring rules: every labelled dev/test video is predicted; a run that diverges ends cleanly
+# AVEC scoring rules: every labelled dev/test video is predicted
 
 
 def test_videos_without_faces_are_scored_with_the_training_mean(tmp_path):
@@ -381,19 +425,3 @@ def test_videos_without_faces_are_scored_with_the_training_mean(tmp_path):
     assert math.isclose(metrics["rmse"], expected, rel_tol=1e-9)
     _, dev = evaluate_split(model, index, "dev", config, mean)
     assert dev["n_videos"] == 3 and dev["n_videos_fallback"] == 1
-
-
-def test_a_diverging_run_ends_with_its_last_good_checkpoint(ray_session, shard_root, mlflow_store, tmp_path,
-                                                           monkeypatch):
-    from mlflow import MlflowClient
-
-    monkeypatch.setenv(NAN_ENV, "2")  # the loss turns NaN from epoch 2 on
-    result = run_training(tiny_config(shard_root, run_name="nan-run", workers=1, epochs=3, register=False,
-                                      storage_path=str(tmp_path / "ray_results")))
-    assert result.diverged_at_epoch == 2 and result.epochs_run == [1]
-    assert result.best_epoch == 1 and math.isfinite(result.best_dev_rmse)
-    state = model_from_checkpoint(result.checkpoint_path)[1]
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
-                                       if v.is_floating_point())
-    run = MlflowClient(mlflow_store).get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["diverged_at_epoch"] == "2"
