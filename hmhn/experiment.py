@@ -33,7 +33,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -141,17 +141,27 @@ def apply_overrides(base: TrainConfig, overrides: Mapping[str, Any], **fixed: An
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str
-    base: TrainConfig                               # data, epochs, workers, model/loss defaults, mlflow, ...
-    grid: str = "ablations"                          # a name in GRIDS (ignored when variants is given)
-    variants: dict[str, dict[str, Any]] | None = None  # explicit grid (from --grid-file)
-    seeds: int = 3                                   # seeds 0..seeds-1
-    storage_path: str = ""                           # Tune + Train state (default ~/ray_results/experiments)
-    max_concurrent_trials: int = 0                   # 0: as many as the cluster's CPUs allow (1 on 2 cores)
-    trial_cpus: float = 0.1                          # the trial function itself (run_training asks for its workers)
-    trial_retries: int = 1                           # a failed trial is retried this often, then reported
-    register_best: bool = True                       # register the best trial's model as @candidate
-    refit_on_dev: bool = False                       # see refit_dataset / docs/EXPERIMENTS.md
+    name: str = field(metadata={
+        "help": "experiment name (letters, digits, '.', '_'); rerun it to resume (jobs/experiment.py: "
+                "exp_<date>_<time> when not given)"})
+    base: TrainConfig = field(metadata={"help": "training options every variant starts from"})
+    grid: str = field(default="ablations", metadata={
+        "help": "a named grid (ignored with --grid-file)", "choices": tuple(GRIDS)})
+    variants: dict[str, dict[str, Any]] | None = field(default=None, metadata={
+        "help": "explicit grid: variant -> overrides (jobs/experiment.py: --grid-file)"})
+    seeds: int = field(default=3, metadata={"help": "seeds per variant (0..N-1)"})
+    storage_path: str = field(default="", metadata={
+        "help": "Tune + Train state of every trial; empty: ~/ray_results/experiments"})
+    max_concurrent_trials: int = field(default=0, metadata={
+        "help": "trials at once; 0 = as many as the cluster's CPUs / GPUs allow (1 on 2 cores)"})
+    trial_cpus: float = field(default=0.1, metadata={
+        "help": "CPUs of the trial function itself (run_training asks for its workers)"})
+    trial_retries: int = field(default=1, metadata={"help": "retries of a failed trial before it is reported"})
+    register_best: bool = field(default=True, metadata={
+        "help": "register the best trial's model as @candidate (promotion: jobs/promote.py)"})
+    refit_on_dev: bool = field(default=False, metadata={
+        "help": "after choosing the epoch count on dev, retrain on train+dev for it and report test "
+                "(refit_test_rmse / refit_test_mae in each trial's run; docs/EXPERIMENTS.md)"})
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", self.name):

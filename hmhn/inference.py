@@ -1,7 +1,7 @@
 """Inference in one place: a model from weights + config, face crops -> model input, frame scores
 with one precision policy.
 
-Training's evaluation (hmhn.train), batch scoring (hmhn.scoring), the served pyfunc (hmhn.serving)
+Training's evaluation (hmhn.evaluation), batch scoring (hmhn.scoring), the served pyfunc (hmhn.serving)
 and the explainer use these, so the scores a model is selected on are the scores it serves: the
 same decode + resize + normalisation (hmhn.image) and the same numerics, bf16 autocast +
 channels_last on CUDA and fp32 on CPU, whichever path runs it.

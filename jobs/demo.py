@@ -13,15 +13,14 @@ Exit status: 0 done, 2 invalid options.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmhn.demo import DemoConfig, run_demo  # noqa: E402
-from pipeline.cli import add_config_arguments, apply_verbose_flag, build_config, job_parser, parse_args  # noqa: E402
-from pipeline.storage import install_log_redaction, redacting_printer  # noqa: E402
+from pipeline.cli import add_config_arguments, job_config, job_parser  # noqa: E402
+from pipeline.storage import redacting_printer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,16 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    apply_verbose_flag(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
-    try:
-        config = build_config(DemoConfig, args)
-    except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
-        if not isinstance(exc.code, str):
-            raise
-        print(f"error: {exc.code}", file=sys.stderr)
+    _, config = job_config(build_parser(), DemoConfig, argv)
+    if config is None:
         return 2
     run_demo(config, out=redacting_printer(print))  # printed lines show URIs redacted
     return 0

@@ -21,7 +21,6 @@ Training options are those of jobs/train_ddp.py (--epochs, --batch-size, --input
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -33,8 +32,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 from hmhn.experiment import ExperimentConfig, load_grid_file, run_experiment  # noqa: E402
-from pipeline.cli import add_config_arguments, apply_verbose_flag, build_config, job_parser, parse_args  # noqa: E402
-from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
+from pipeline.cli import add_config_arguments, job_config, job_parser  # noqa: E402
+from pipeline.storage import redact_uri, redacting_printer  # noqa: E402
 
 # Training options are the base of every variant, unprefixed as in jobs/train_ddp.py. The
 # experiment sets the per-trial ones itself (run name, seed, registration) and keeps its own
@@ -53,21 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    apply_verbose_flag(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
-    out = redacting_printer(print)
-    try:
-        variants = load_grid_file(args.grid_file) if args.grid_file else None
-        config = build_config(ExperimentConfig, args, skip=SKIP, flat=FLAT, variants=variants,
-                              name=args.name or time.strftime("exp_%Y%m%d_%H%M%S"))
-    except (SystemExit, ValueError) as exc:
-        code = getattr(exc, "code", None)
-        if isinstance(exc, SystemExit) and not isinstance(code, str):
-            raise
-        print(f"error: {redact_uri(code if isinstance(exc, SystemExit) else exc)}", file=sys.stderr)
+    _, config = job_config(build_parser(), ExperimentConfig, argv, skip=SKIP, flat=FLAT, extra=lambda args: {
+        "variants": load_grid_file(args.grid_file) if args.grid_file else None,
+        "name": getattr(args, "name", "") or time.strftime("exp_%Y%m%d_%H%M%S")})
+    if config is None:
         return 2
+    out = redacting_printer(print)
     try:
         result = run_experiment(config, log=out)
     except ValueError as exc:

@@ -17,15 +17,14 @@ redacted.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmhn.scoring import ScoringConfig  # noqa: E402
-from pipeline.cli import add_config_arguments, apply_verbose_flag, build_config, job_parser, parse_args  # noqa: E402
-from pipeline.storage import install_log_redaction, redact_uri  # noqa: E402
+from pipeline.cli import add_config_arguments, job_config, job_parser  # noqa: E402
+from pipeline.storage import redact_uri  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,16 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
-    args = parse_args(build_parser(), argv)
-    apply_verbose_flag(args)
-    try:
-        config = build_config(ScoringConfig, args)
-    except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
-        if not isinstance(exc.code, str):
-            raise
-        print(f"error: {redact_uri(exc.code)}", file=sys.stderr)
+    _, config = job_config(build_parser(), ScoringConfig, argv)
+    if config is None:
         return 2
 
     from mlflow.exceptions import MlflowException

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -30,8 +29,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 from hmhn.train import TrainConfig, TrainingDiverged, run_training  # noqa: E402
-from pipeline.cli import add_config_arguments, apply_verbose_flag, build_config, job_parser, parse_args  # noqa: E402
-from pipeline.storage import install_log_redaction, redact_uri, redacting_printer  # noqa: E402
+from pipeline.cli import add_config_arguments, job_config, job_parser  # noqa: E402
+from pipeline.storage import redact_uri, redacting_printer  # noqa: E402
 
 # The model's and the loss's options are known unprefixed (--input-size, --num-heads); the initial
 # score is set from the training mean.
@@ -46,18 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_args(parser, argv)
-    apply_verbose_flag(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
-    out = redacting_printer(print)
-    try:  # validated before anything starts (no Ray, no MLflow, no storage access)
-        config = build_config(TrainConfig, args, skip=SKIP, flat=FLAT)
-    except SystemExit as exc:  # invalid values (a credentialed URI among them): a message, exit 2
-        if not isinstance(exc.code, str):
-            raise
-        print(f"error: {redact_uri(exc.code)}", file=sys.stderr)
+    _, config = job_config(parser, TrainConfig, argv, skip=SKIP, flat=FLAT)
+    if config is None:
         return 2
+    out = redacting_printer(print)
     if not config.data:
         parser.error("--data is required (the shard set: OUTPUT/<preprocess_version>/ of preprocessing)")
     try:

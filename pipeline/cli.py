@@ -5,8 +5,11 @@ frozen config dataclass:
 
     parser = job_parser(__doc__)                          # --config FILE, --verbose, one help format
     add_config_arguments(parser, TrainConfig, "training", flat=("model", "loss"))
-    args = parse_args(parser, argv)                       # YAML values beneath the command line
-    config = build_config(TrainConfig, args, flat=("model", "loss"))
+    args, config = job_config(parser, TrainConfig, argv, flat=("model", "loss"))
+    if config is None:                                    # invalid options: the message is printed
+        return 2
+
+(`job_config` = `parse_args`, YAML values beneath the command line, then `build_config`.)
 
 The rules, the same for every job:
 - **Option = field.** Every field of the job's config is one option, `--field-name`, with the help
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import types
@@ -265,6 +269,33 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                 action.required = False  # given by the file
         parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def job_config(parser: argparse.ArgumentParser, cls: type[T], argv: Sequence[str] | None = None, *,
+               skip: Sequence[str] = (), flat: Sequence[str] = (),
+               extra: typing.Callable[[argparse.Namespace], dict[str, Any]] | None = None,
+               ) -> tuple[argparse.Namespace, T | None]:
+    """The start of every job's main: logging with URI redaction, options (+ YAML), --verbose, the config.
+
+    Returns (args, config), or (args, None) after printing `error: ...` when the options are invalid
+    (a credentialed URI among them; the message is redacted): the job then exits with status 2,
+    before anything started (no Ray, no MLflow, no storage access). `extra(args)` gives the values
+    a job computes itself from its own options (e.g. a grid read from --grid-file).
+    """
+    from pipeline.storage import install_log_redaction, redact_uri
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
+    args = parse_args(parser, argv)
+    apply_verbose_flag(args)
+    try:
+        return args, build_config(cls, args, skip=skip, flat=flat, **(extra(args) if extra else {}))
+    except (SystemExit, ValueError) as exc:
+        message = exc.code if isinstance(exc, SystemExit) else str(exc)
+        if not isinstance(message, str):
+            raise
+        print(f"error: {redact_uri(message)}", file=sys.stderr)
+        return args, None
 
 
 # ----------------------------------------------------------------------------------------------
