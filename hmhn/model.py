@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hmhn.attention_fusion import AttentionFusion, mean_fusion
+from hmhn.blocks.attention_fusion import AttentionFusion, mean_fusion
 from hmhn.config import BACKBONE_CHANNELS, BDI_MAX, BDI_MIN, HMHNConfig
-from hmhn.cross_attention import MultiHeadCrossAttention
-from hmhn.feature_fusion import DeepFeatureFusion
-from hmhn.grid_attention import GridWiseAttention
-from hmhn.resnet import ResNet18Trunk
+from hmhn.blocks.cross_attention import MultiHeadCrossAttention
+from hmhn.blocks.feature_fusion import DeepFeatureFusion
+from hmhn.blocks.grid_attention import GridWiseAttention
+from hmhn.blocks.resnet import ResNet18Trunk
 
 
 class HMHNOutput(NamedTuple):

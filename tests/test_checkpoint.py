@@ -1,7 +1,7 @@
 """load_backbone_checkpoint with checkpoints as people have them (hmhn/checkpoint.py); no downloads.
 
 Every file is written into tmp_path from a real model's state dict: torchvision-layout ResNet-18
-(hmhn.resnet.ResNet18), old-PyTorch files without num_batches_tracked, DataParallel/DDP prefixes,
+(hmhn.blocks.resnet.ResNet18), old-PyTorch files without num_batches_tracked, DataParallel/DDP prefixes,
 training containers with bookkeeping, and DAN's full model, rebuilt below layer for layer after
 yaoing/DAN networks/dan.py so that its key names come from the same module structure as DAN's.
 """
@@ -369,7 +369,7 @@ def test_load_rejects_wrong_files(tmp_path):
     with pytest.raises(ValueError, match="not a loadable"):
         load_backbone_checkpoint(model, garbage)
     torch.save(ResNet18(), garbage)   # a whole pickled model: weights_only loading refuses to run its class
-    with pytest.raises(ValueError, match="not a loadable.*pickles the Python object hmhn.resnet.ResNet18"):
+    with pytest.raises(ValueError, match="not a loadable.*pickles the Python object hmhn.blocks.resnet.ResNet18"):
         load_backbone_checkpoint(model, garbage)
     torch.save([1, 2, 3], garbage)
     with pytest.raises(ValueError, match="expected a state dict"):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hmhn import HMHN, HMHNConfig, HMHNOutput, HMHNScorer, LossConfig, ResNet18, export_scorer, hmhn_loss
-from hmhn.feature_fusion import DeepFeatureFusion
-from hmhn.grid_attention import GridWiseAttention, merge_cells, paint_cell_weights, split_into_cells
+from hmhn.blocks.feature_fusion import DeepFeatureFusion
+from hmhn.blocks.grid_attention import GridWiseAttention, merge_cells, paint_cell_weights, split_into_cells
 
 SMALL = 64  # smallest size that keeps a 4x4 grid of 16 px cells and a 2x2 trunk map
 
