@@ -22,7 +22,6 @@ import logging
 import math
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -119,9 +118,6 @@ def set_up_worker(loop: dict[str, Any]) -> Worker:
     _quiet_ray_train_logs()
     worker_log = logging.getLogger("hmhn.train")
     worker_log.setLevel(logging.INFO)
-    # DDP's "grad strides do not match bucket view strides" is a performance note about conv
-    # weights' memory layout, printed once per worker; it does not change the result.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     index = ShardIndex.load(loop["data"])  # each worker reads the index itself: the driver sends its location
     context = ray.train.get_context()
     # pipeline/resources.plan_training: on CPU-only nodes all the node's cores (the reservation is
@@ -149,6 +145,8 @@ def build_or_restore(worker: Worker) -> Training:
 
         load_backbone_checkpoint(model, config.backbone_checkpoint, printer=worker.say if worker.master else None)
     if worker.device.type == "cuda":
+        # Before DDP is built: its gradient buckets copy the parameters' layout then, and a layout
+        # changed afterwards costs a copy per step (DDP's "Grad strides do not match bucket view strides").
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to device + DDP when world_size > 1
     raw_model: HMHN = model.module if hasattr(model, "module") else model
