@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 # pip, not uv/poetry: pip finds the local CPU wheel of torch 2.13.0 (others download ~3 GB of CUDA).
 # `pip check` is informational: recent pips flag decord 0.6.0's manylinux2010 wheel as "not supported
 # on this platform" although it installs and imports fine; a real conflict still shows up there.
+# -qq: pip prints errors only (not setuptools' notice on editable installs, ~10 lines per install).
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=23"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install -qq --upgrade "pip>=23"
+	$(PY) -m pip install -qq -e ".[test]"
 	$(PY) -m pip check || true
 	$(PY) -c "import torch, ray, mlflow, decord, av, onnxruntime, insightface; print('dependencies import: ok')"
 	@touch $(STAMP)
