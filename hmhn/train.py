@@ -31,7 +31,6 @@ import json
 import time
 
 from hmhn.data import check_trainable, open_shardset, train_dataset
-from hmhn.epoch_batches import EpochBatches as _EpochBatches  # tests/test_bench_train.py imports it from here
 from hmhn.evaluation import baseline_metrics, evaluate_split, log_final_evaluation, video_score_sums
 from hmhn.schedules import make_optimizer
 from hmhn.train_checkpoint import CHECKPOINT_FILE, load_checkpoint_state, model_from_checkpoint
@@ -40,7 +39,7 @@ from hmhn.train_loop import SHUFFLE_BUFFER_MAX_ROWS, build_model, train_loop_per
 
 __all__ = [  # the driver's own names, then what callers imported from here before the split
     "TrainingDiverged", "require_multi_node_ready", "run_training",
-    "CHECKPOINT_FILE", "SHUFFLE_BUFFER_MAX_ROWS", "TrainConfig", "TrainingResult", "_EpochBatches",
+    "CHECKPOINT_FILE", "SHUFFLE_BUFFER_MAX_ROWS", "TrainConfig", "TrainingResult",
     "baseline_metrics", "build_model", "evaluate_split", "load_checkpoint_state", "log_final_evaluation",
     "make_optimizer", "model_from_checkpoint", "parse_worker_resources", "train_loop_per_worker", "train_step",
     "video_score_sums",

@@ -1,5 +1,5 @@
 """The training benchmark's plain loop (production pieces, no Ray) and the worker loop's batch
-producer (hmhn.train._EpochBatches) with a stand-in for a Ray Train dataset shard."""
+producer (hmhn.epoch_batches.EpochBatches) with a stand-in for a Ray Train dataset shard."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +12,8 @@ import pytest
 
 from hmhn import HMHNConfig
 from hmhn.data import write_synthetic_shardset
-from hmhn.train import TrainConfig, _EpochBatches
+from hmhn.epoch_batches import EpochBatches
+from hmhn.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ class FakeShard:
 
 def test_epoch_batches_keep_epochs_apart_and_run_ahead():
     shard = FakeShard(batches=5)
-    batches = _EpochBatches(shard, epochs=3, lookahead=2, tag="x")
+    batches = EpochBatches(shard, epochs=3, lookahead=2, tag="x")
     got = [[(b["pass"], b["i"], b["tag"]) for b in batches.epoch()] for _ in range(3)]
     assert got == [[(p, i, "x") for i in range(5)] for p in (1, 2, 3)]
     assert shard.passes == 3 and shard.max_active == 1  # one pass at a time: never two iterations of a split
@@ -76,7 +77,7 @@ def test_epoch_batches_keep_epochs_apart_and_run_ahead():
 
     # While epoch 1 is being trained, the producer moves on to epoch 2 once epoch 1 is queued.
     shard = FakeShard(batches=2)
-    batches = _EpochBatches(shard, epochs=2, lookahead=4)
+    batches = EpochBatches(shard, epochs=2, lookahead=4)
     first = batches.epoch()
     next(first)
     deadline = time.time() + 10
@@ -87,13 +88,13 @@ def test_epoch_batches_keep_epochs_apart_and_run_ahead():
 
 
 def test_epoch_batches_raise_the_producers_error_and_stop_on_close():
-    batches = _EpochBatches(FakeShard(batches=3, fail_in_pass=2), epochs=3, lookahead=2)
+    batches = EpochBatches(FakeShard(batches=3, fail_in_pass=2), epochs=3, lookahead=2)
     assert len(list(batches.epoch())) == 3
     with pytest.raises(RuntimeError, match="data task failed"):
         list(batches.epoch())
 
     shard = FakeShard(batches=1000)
-    batches = _EpochBatches(shard, epochs=1, lookahead=2)
+    batches = EpochBatches(shard, epochs=1, lookahead=2)
     next(batches.epoch())
     batches.close()
     batches._thread.join(timeout=10)
