@@ -56,7 +56,9 @@ def test_a_resumed_run_continues_the_schedule_and_reads_old_checkpoints():
     fresh.load_state_dict({"lr_lambdas": [None, None], **saved})
     assert fresh.last_epoch == 3
     # an ExponentialLR state (checkpoints written before --schedule existed) loads too: its epoch counts
-    old = torch.optim.lr_scheduler.ExponentialLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 0.1), 0.8)
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], 0.1)
+    old = torch.optim.lr_scheduler.ExponentialLR(sgd, 0.8)
+    sgd.step()  # as training does: the optimiser steps first (else torch warns that a value is skipped)
     old.step()
     _, again = make_optimizer(model, TrainConfig())
     again.load_state_dict({"lr_lambdas": [None, None], **old.state_dict()})
