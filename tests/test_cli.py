@@ -85,3 +85,31 @@ def test_required_option_may_come_from_the_file(tmp_path):
     job = load_job("promote")
     args = parse_args(job.build_parser(), ["--config", write(tmp_path, "model-name: hmhn\nmetric: dev_mae\n")])
     assert (args.model_name, args.metric, args.alias) == ("hmhn", "dev_mae", "candidate")
+
+
+def documented_job_flags() -> list[tuple[str, str, str]]:
+    """(file, job, flag) for every `--flag` after `jobs/<job>.py` in the README, docs/ and cluster/."""
+    import re
+    import shlex
+
+    found = []
+    files = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted(p for p in (REPO / "cluster").rglob("*") if p.is_file())]
+    for path in files:
+        text = path.read_text(errors="replace").replace("\\\n", " ")
+        for match in re.finditer(r"jobs/(\w+)\.py((?:[ \t]+[^\s`|;&)>\]\"',]+)*)", text):
+            try:
+                tokens = shlex.split(match.group(2))
+            except ValueError:
+                continue
+            found += [(str(path.relative_to(REPO)), match.group(1), t.split("=")[0])
+                      for t in tokens if t.startswith("--") and t != "--"]
+    return found
+
+
+def test_every_documented_command_line_uses_options_that_exist():
+    flags = documented_job_flags()
+    assert len(flags) > 50  # the README, docs and cluster configs show many commands
+    parsers = {job: load_job(job).build_parser() for job in {job for _, job, _ in flags}}
+    stale = [(where, job, flag) for where, job, flag in flags if flag not in parsers[job]._option_string_actions]
+    assert not stale, f"documented options that the jobs do not have: {stale}"
