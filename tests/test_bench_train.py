@@ -2,7 +2,6 @@
 producer (hmhn.epoch_batches.EpochBatches) with a stand-in for a Ray Train dataset shard."""
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from pathlib import Path
@@ -14,15 +13,13 @@ from hmhn import HMHNConfig
 from hmhn.data import write_synthetic_shardset
 from hmhn.epoch_batches import EpochBatches
 from hmhn.train import TrainConfig
+from tests.job_modules import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "jobs" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_job("bench_train")
 
 
 def test_shuffle_buffer_hands_out_every_row_once():

@@ -3,24 +3,15 @@ shown, YAML keys = option names (flat or as sections), command line over YAML, u
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.cli import build_config, parse_args
+from tests.job_modules import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.py"))
-
-
-def load_job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("job", JOBS)

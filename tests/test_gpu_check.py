@@ -6,7 +6,6 @@ train_ddp, predict) as subprocesses on three one-second demo videos: about 1-2 m
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,15 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.job_modules import load_job
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "jobs" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_job("gpu_check")
 
 
 def _positive_numbers(value, path="") -> list[tuple[str, float]]:

@@ -2,7 +2,6 @@
 model's stored config -> Ray Data inference -> scores.csv, checked against training's evaluation path."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,14 @@ from hmhn.data import open_shardset
 from hmhn.image import to_model_input
 from hmhn.train import TrainConfig, evaluate_split
 from pipeline.schema import severity_band
+from tests.job_modules import load_job
 from tests.test_serving import INPUT_SIZE, register_champion, small_scoring_model, training_preprocess_doc
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_predict_job():
-    spec = importlib.util.spec_from_file_location("predict_job", REPO / "jobs" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_job("predict")
 
 
 @pytest.fixture(scope="module")
