@@ -54,17 +54,21 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dash_port}"
 
-    def _start(self, name: str, args: list[str], attempts: int = 3) -> None:
+    def _start(self, name: str, args, attempts: int = 3) -> None:
         """`ray start` one node. Ray gives a new raylet a fixed 30 s to register with the GCS; on
-        a loaded 2-core machine that can pass, and the command exits: then try again."""
+        a loaded 2-core machine that can pass, and the command exits: then try again. `args` is the
+        argument list, or a function of the attempt number giving it (the head takes new ports for
+        each attempt: a port another process took since free_port() would fail every attempt)."""
         for attempt in range(attempts):
-            if self._start_once(name, args):
+            if self._start_once(name, args(attempt) if callable(args) else args):
                 return
         raise RuntimeError(f"`ray start` ({name}) did not come up in {attempts} attempts:\n"
                            f"{self.log(name)[-4000:]}")
 
     def _start_once(self, name: str, args: list[str]) -> bool:
-        log = open(Path(self.temp_dir) / f"{name}.log", "w")
+        path = Path(self.temp_dir) / f"{name}.log"
+        start = path.stat().st_size if path.exists() else 0  # bytes; a node name can be started again later
+        log = open(path, "a")  # every attempt's output, for the error
         # Fixed default ports (the dashboard agent's 52365, metrics) collide with any other Ray on
         # the machine, e.g. a parallel test session: every node gets free ones.
         ports = ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
@@ -74,7 +78,7 @@ class LocalRayCluster:
         self.procs.append(proc)
         deadline = time.time() + 120
         while time.time() < deadline:
-            text = (Path(self.temp_dir) / f"{name}.log").read_text()
+            text = path.read_bytes()[start:].decode(errors="replace")
             if "Ray runtime started" in text:
                 self.nodes[name] = proc
                 return True
@@ -98,12 +102,18 @@ class LocalRayCluster:
     def log(self, name: str) -> str:
         return (Path(self.temp_dir) / f"{name}.log").read_text()
 
+    def _head_args(self, attempt: int) -> list[str]:
+        if attempt:
+            self.port, self.dash_port = free_port(), free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            self.dashboard_url = f"http://127.0.0.1:{self.dash_port}"
+        return ["--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--num-cpus", "1",
+                "--resources", json.dumps({"head_node": 1}), "--temp-dir", self.temp_dir,
+                "--include-dashboard", "true" if self.with_dashboard else "false",
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port)]
+
     def start(self) -> None:
-        self._start("head", [
-            "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--num-cpus", "1",
-            "--resources", json.dumps({"head_node": 1}), "--temp-dir", self.temp_dir,
-            "--include-dashboard", "true" if self.with_dashboard else "false",
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash_port)])
+        self._start("head", self._head_args)
         if not self.two_nodes:
             return
         self.add_node("worker", {"second_node": 1})
