@@ -114,7 +114,7 @@ def _walk(cls: type, title: str, skip: Sequence[str], flat: Sequence[str], prefi
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         where = _join(path, f.name, ".")
-        if not f.init or where in skip or (not path and f.name in skip):
+        if _skipped(f, where, path, skip):
             continue
         tp, _ = _base_type(hints[f.name])
         if dataclasses.is_dataclass(tp):
@@ -125,6 +125,11 @@ def _walk(cls: type, title: str, skip: Sequence[str], flat: Sequence[str], prefi
                              prefix if flat_here else _join(prefix, f.name), where)
         else:
             yield _Option(f, tp, _join(prefix, f.name), title)
+
+
+def _skipped(f: dataclasses.Field, where: str, path: str, skip: Sequence[str]) -> bool:
+    """Not an option: set by the job itself (`skip` holds dotted paths, or bare top-level names)."""
+    return not f.init or where in skip or (not path and f.name in skip)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -182,7 +187,7 @@ def _build(cls: type, given: dict[str, Any], skip: Sequence[str], flat: Sequence
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         where = _join(path, f.name, ".")
-        if not f.init or where in skip or (not path and f.name in skip):
+        if _skipped(f, where, path, skip):
             continue
         tp, _ = _base_type(hints[f.name])
         if not path and f.name in overrides:
@@ -203,11 +208,6 @@ def _build(cls: type, given: dict[str, Any], skip: Sequence[str], flat: Sequence
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"invalid {cls.__name__}: {exc}") from exc
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """JSON/MLflow-friendly dict of a (possibly nested) config dataclass."""
-    return dataclasses.asdict(config)
 
 
 # ----------------------------------------------------------------------------------------------
