@@ -45,16 +45,28 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], T], log_path: Path, ti
         kill_session(proc)
 
 
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL every process in the session `proc` leads, then reap it."""
+def session_pids(sids: set[int]) -> list[int]:
+    """Every live process in these sessions (a Ray worker may move to its own process group, but it
+    keeps the session)."""
+    out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == proc.pid:
-                    os.kill(int(entry), signal.SIGKILL)
+                if os.getsid(int(entry)) in sids:
+                    out.append(int(entry))
             except (ProcessLookupError, PermissionError):
                 pass
-    proc.wait(timeout=60)
+    return out
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL every process in the session `proc` leads, then reap it."""
+    for pid in session_pids({proc.pid}):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=timeout)
 
 
 def _tail(log_path: Path) -> str:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.interrupt import kill_session, session_pids
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -91,12 +93,7 @@ class LocalRayCluster:
 
     def _kill_session(self, proc: subprocess.Popen) -> None:
         """SIGKILL every process in the session of one `ray start` process, then forget it."""
-        for pid in self._session_pids({proc.pid}):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
+        kill_session(proc, timeout=30)
         self.procs.remove(proc)
 
     def log(self, name: str) -> str:
@@ -153,18 +150,8 @@ class LocalRayCluster:
             time.sleep(1)
 
     def _session_pids(self, sids: set[int] | None = None) -> list[int]:
-        """Every live process in the sessions of our `ray start` processes (a Ray worker may
-        move to its own process group, but it keeps the session)."""
-        sids = sids if sids is not None else {p.pid for p in self.procs}
-        out = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getsid(int(entry)) in sids:
-                        out.append(int(entry))
-                except (ProcessLookupError, PermissionError):
-                    pass
-        return out
+        """Every live process in the sessions of our `ray start` processes."""
+        return session_pids(sids if sids is not None else {p.pid for p in self.procs})
 
     def __enter__(self) -> "LocalRayCluster":
         try:
